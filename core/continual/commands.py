@@ -1,0 +1,81 @@
+"""``verticals core continual-eval``: run a continual-learning benchmark with one method.
+
+Prints one JSON object as the last stdout line (progress bars on stderr) and writes the same JSON plus
+the accuracy-matrix heatmap and per-task curves (PNG) under ``--out``
+(default ``$VERTICALS_HOME/reports/continual``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core.errors import ConfigError
+
+METHOD_CHOICES = ("naive", "ewc", "online-ewc", "lora", "replay")
+BENCHMARK_CHOICES = ("permuted-digits", "intents", "defects")
+
+
+def continual_eval(
+    benchmark: Annotated[str, typer.Option(help="permuted-digits | intents | defects")] = "permuted-digits",
+    method: Annotated[str, typer.Option(help="naive | ewc | online-ewc | lora | replay")] = "ewc",
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON result on stdout.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for the JSON and PNG plots.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for model init and batch order.")] = 0,
+    tasks: Annotated[int | None, typer.Option(min=2, help="Use only the first N tasks.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override the benchmark's epochs per task.")] = None,
+    per_class: Annotated[int | None, typer.Option(min=2, help="intents: examples per intent (default 40).")] = None,
+    ewc_lambda: Annotated[float | None, typer.Option(min=0.0, help="Override the benchmark's EWC lambda.")] = None,
+    timing: Annotated[bool, typer.Option(help="Measure the EWC step-time ratio (EWC methods).")] = True,
+    only_timing: Annotated[bool, typer.Option(help="Only measure the EWC vs plain step-time ratio.")] = False,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding customer_service/ (intents).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch (the models are small).")] = 1,
+) -> None:
+    """Train the benchmark's tasks in sequence with METHOD; report R[i][j], forgetting, transfer, and the
+    naive and joint references from the same run."""
+    import torch
+
+    from core.continual import benchmarks, harness
+    from core.settings import get_settings
+
+    if method not in METHOD_CHOICES:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHOD_CHOICES)}")
+    if benchmark not in BENCHMARK_CHOICES:
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARK_CHOICES)}")
+    if benchmark == "defects":
+        raise ConfigError("the 'defects' benchmark is not built yet (it needs the industrial detector); "
+                          "use permuted-digits or intents")
+    torch.set_num_threads(threads)
+    kwargs: dict[str, object] = {}
+    if benchmark == "intents":
+        if per_class is not None:
+            kwargs["per_class"] = per_class
+        if data_root is not None:
+            kwargs["data_root"] = data_root
+    bench = benchmarks.load(benchmark, **kwargs)
+    if tasks is not None:
+        bench.tasks = bench.tasks[:tasks]
+    if epochs is not None:
+        bench.epochs = epochs
+    if ewc_lambda is not None:
+        bench.ewc_lambda = ewc_lambda
+    if only_timing:
+        mode = "online" if method == "online-ewc" else "separate"
+        result = {"benchmark": bench.name, "method": method, "mode": mode,
+                  **harness.step_time_ratio(bench, mode, seed=seed)}
+        typer.echo(json.dumps(result))
+        return
+    out_dir = out or get_settings().home / "reports" / "continual"
+    result = harness.run(bench, method, seed=seed, out_dir=out_dir, timing=timing)
+    if not as_json:
+        typer.echo(f"{bench.name} / {method}: average accuracy {result['average_accuracy']:.4f} "
+                   f"(joint {result['joint_accuracy']:.4f}, naive {result['naive_average_accuracy']:.4f}), "
+                   f"forgetting {result['forgetting']:.4f}; plots: {', '.join(result['plots'])}")
+    typer.echo(json.dumps(result))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("continual-eval")(continual_eval)

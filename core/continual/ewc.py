@@ -1,0 +1,349 @@
+"""Elastic Weight Consolidation as a trainer hook (Kirkpatrick et al. 2017; online: Schwarz et al. 2018).
+
+After each task the hook estimates the diagonal Fisher information ``F`` of the parameters it covers
+and remembers their values ``theta*`` (the anchors). While later tasks train it adds
+
+    penalty = lambda / 2 * sum_t sum_i F_t,i * (theta_i - theta*_t,i)^2
+
+to the training objective, so weights that mattered for old tasks stay near their old values: either
+as a loss term in ``before_backward`` (``apply="loss"``) or, cheaper and with the same update, as its
+exact gradient added to ``.grad`` in ``after_backward`` (``apply="grad"``, the default).
+
+Modes:
+  * ``separate``: one (F_t, theta*_t) pair per past task (the original paper).
+  * ``online``: one running Fisher ``F <- decay * F_old + F_new`` and one anchor (the latest weights).
+
+Fisher estimators (``fisher``):
+  * ``empirical``: squared gradient of the mini-batch mean loss, averaged over batches. Cheapest; it
+    squares a *mean* gradient, so it underestimates the per-sample Fisher by roughly the batch size.
+  * ``empirical_per_sample``: mean of squared per-sample gradients of the training loss (true labels).
+  * ``true``: mean of squared per-sample gradients of ``-log p(y|x)`` with ``y`` drawn from the
+    model's own predictive distribution (the "true" Fisher, needs ``output_fn`` -> logits ``(..., C)``).
+
+Separate mode costs the same per step as online mode: ``sum_t F_t (theta - a_t)^2`` is rewritten as
+``W (theta - c)^2 + k`` with ``W = sum_t F_t``, ``c = sum_t F_t a_t / W`` and a constant ``k``, so the
+step cost does not grow with the number of tasks. The per-task Fisher and anchors are still kept
+(``state_dict``) so the checkpoint holds exactly what the paper's penalty needs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from core.errors import ConfigError, DataError
+from core.train.hooks import TrainerHook
+
+EWCMode = Literal["separate", "online"]
+ApplyMode = Literal["grad", "loss"]
+FisherKind = Literal["empirical", "empirical_per_sample", "true"]
+ParamFilter = Callable[[str], bool] | Sequence[str] | None
+OutputFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_output_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Logits of an ``(inputs, targets, ...)`` batch: ``model(batch[0])``; a bare tensor is the input."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, list | tuple):
+        return model(batch[0])
+    raise ConfigError("EWC fisher='true' needs output_fn(model, batch) -> logits for this batch type")
+
+
+def batch_size_of(batch: Any) -> int:
+    """Leading dimension of the first tensor in a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, list | tuple):
+        for item in batch:
+            if isinstance(item, torch.Tensor | list | tuple | dict):
+                return batch_size_of(item)
+    raise DataError("cannot find a tensor in the batch to read its size from")
+
+
+def slice_batch(batch: Any, i: int) -> Any:
+    """Sample ``i`` of a batch as a batch of one (tensors keep a leading dim of 1)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[i : i + 1]
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, i) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(slice_batch(v, i) for v in batch)
+    return batch
+
+
+def _matcher(params: ParamFilter) -> Callable[[str], bool]:
+    if params is None:
+        return lambda name: True
+    if callable(params):
+        return params
+    patterns = list(params)
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class EWC(TrainerHook):
+    """EWC penalty + Fisher consolidation, plugged into ``core.train.trainer.Trainer`` via ``hooks=``.
+
+    Args:
+        lam: penalty strength ``lambda``.
+        mode: ``separate`` (one penalty per past task) or ``online`` (decayed running Fisher).
+        fisher: which Fisher estimator to use (see module docstring).
+        decay: online-mode decay ``gamma`` of the old Fisher (1.0 = plain accumulation).
+        params: which parameters are protected: a predicate on the parameter name, or glob patterns
+            such as ``["body.*"]`` (default: every parameter that requires grad at consolidation).
+        fisher_samples: at most this many samples (per-sample kinds) or batch samples (empirical)
+            are used to estimate the Fisher at the end of a task; ``None`` = the whole loader.
+        output_fn: ``(model, batch) -> logits (..., C)``, needed by ``fisher='true'``.
+        apply: ``"loss"`` adds the penalty to the loss in ``before_backward`` (autograd differentiates
+            it; the reported loss includes it); ``"grad"`` (default, cheaper) adds its exact gradient
+            ``lambda * W * (theta - c)`` to ``.grad`` in ``after_backward`` with three fused ``_foreach``
+            ops (after AMP unscaling, before clipping: the same update as ``"loss"``).
+        consolidate_at_task_end: consolidate in ``after_task`` (turn off to call :meth:`consolidate`
+            yourself, e.g. on a held-out loader or once per several trainer.fit calls).
+    """
+
+    name = "ewc"
+
+    def __init__(
+        self,
+        lam: float = 100.0,
+        *,
+        mode: EWCMode = "separate",
+        fisher: FisherKind = "empirical_per_sample",
+        decay: float = 1.0,
+        params: ParamFilter = None,
+        fisher_samples: int | None = 1024,
+        output_fn: OutputFn | None = None,
+        apply: ApplyMode = "grad",
+        consolidate_at_task_end: bool = True,
+    ) -> None:
+        if mode not in ("separate", "online"):
+            raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
+        if fisher not in ("empirical", "empirical_per_sample", "true"):
+            raise ConfigError(f"EWC fisher must be empirical, empirical_per_sample or true, not {fisher!r}")
+        if apply not in ("grad", "loss"):
+            raise ConfigError(f"EWC apply must be 'grad' or 'loss', not {apply!r}")
+        if lam < 0 or not 0.0 <= decay <= 1.0:
+            raise ConfigError("EWC needs lam >= 0 and 0 <= decay <= 1")
+        self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
+        self.fisher_samples = fisher_samples
+        self.consolidate_at_task_end = consolidate_at_task_end
+        self.apply = apply
+        self._bound: tuple[int, list[nn.Parameter], list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.output_fn = output_fn or default_output_fn
+        self._select = _matcher(params)
+        # Per past task (separate) or the single key "online": {param name: tensor}.
+        self.fishers: dict[str, dict[str, torch.Tensor]] = {}
+        self.anchors: dict[str, dict[str, torch.Tensor]] = {}
+        self.tasks: list[str] = []
+        # The penalty in the collapsed form W * (theta - c)^2 + k (see module docstring).
+        self._weight: dict[str, torch.Tensor] = {}
+        self._center: dict[str, torch.Tensor] = {}
+        self._const = 0.0
+        self.last_penalty = 0.0
+
+    # -- the penalty ---------------------------------------------------------------------------
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """``lambda/2 * sum_t sum_i F_t,i (theta_i - theta*_t,i)^2``: a differentiable scalar (0 before
+        the first consolidation)."""
+        named = dict(model.named_parameters())
+        device = next(iter(named.values())).device if named else torch.device("cpu")
+        if not self._weight:
+            return torch.zeros((), device=device)
+        total = torch.zeros((), device=device)
+        for name, w in self._weight.items():
+            p = named.get(name)
+            if p is None:
+                raise DataError(f"EWC state covers parameter {name!r} which this model does not have")
+            if w.device != p.device:  # first use after load / device move
+                self._weight[name], self._center[name] = w.to(p.device), self._center[name].to(p.device)
+                w = self._weight[name]
+            total = total + (w * (p - self._center[name]).square()).sum()
+        return 0.5 * self.lam * (total + self._const)
+
+    def before_backward(self, trainer: Any, loss: torch.Tensor) -> torch.Tensor:
+        if self.apply != "loss" or not self._weight or self.lam == 0.0:
+            return loss
+        pen = self.penalty(trainer.model)
+        self.last_penalty = float(pen.detach())
+        return loss + pen.to(loss.dtype)
+
+    @torch.no_grad()
+    def after_backward(self, trainer: Any) -> None:
+        if self.apply != "grad" or not self._weight or self.lam == 0.0:
+            return
+        params, weights, centers = self._bind(trainer.model)
+        for p in params:
+            if p.grad is None:  # not reached by this step's loss: the penalty still pulls it back
+                p.grad = torch.zeros_like(p)
+        diffs = torch._foreach_sub([p.detach() for p in params], centers)  # theta - c
+        torch._foreach_mul_(diffs, weights)  # W * (theta - c)
+        torch._foreach_add_([p.grad for p in params], diffs, alpha=self.lam)  # d/dtheta of the penalty
+
+    def _bind(self, model: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
+        """The covered parameters of ``model`` with W and c on their devices (cached per model)."""
+        if self._bound is None or self._bound[0] != id(model):
+            named = dict(model.named_parameters())
+            missing = sorted(set(self._weight) - set(named))
+            if missing:
+                raise DataError(f"EWC state covers parameter {missing[0]!r} which this model does not have")
+            names = [n for n in self._weight if named[n].requires_grad]
+            params = [named[n] for n in names]
+            weights = [self._weight[n].to(named[n].device, named[n].dtype) for n in names]
+            centers = [self._center[n].to(named[n].device, named[n].dtype) for n in names]
+            self._bound = (id(model), params, weights, centers)
+        return self._bound[1], self._bound[2], self._bound[3]
+
+    # -- consolidation -------------------------------------------------------------------------
+    def after_task(self, trainer: Any, task_id: str, loader: Iterable[Any]) -> None:
+        if self.consolidate_at_task_end:
+            self.consolidate(trainer.model, trainer.loss_fn, loader, task_id)
+
+    def consolidate(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        loader: Iterable[Any],
+        task_id: str,
+    ) -> dict[str, torch.Tensor]:
+        """Estimate the Fisher on ``loader``, store it with the current weights as anchors. Returns F."""
+        fisher = self.estimate_fisher(model, loss_fn, loader)
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
+        if self.mode == "online":
+            old = self.fishers.get("online", {})
+            fisher = {n: f + self.decay * old[n] if n in old else f for n, f in fisher.items()}
+            self.fishers, self.anchors = {"online": fisher}, {"online": anchor}
+        else:
+            key = task_id if task_id not in self.fishers else f"{task_id}#{len(self.tasks)}"
+            self.fishers[key], self.anchors[key] = fisher, anchor
+        self.tasks.append(task_id)
+        self._rebuild()
+        return fisher
+
+    def estimate_fisher(
+        self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], loader: Iterable[Any]
+    ) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher ``{name: tensor like the parameter}``, all entries >= 0."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad and self._select(n)}
+        if not params:
+            raise ConfigError("EWC covers no parameter: check the params filter and requires_grad")
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        was_training = model.training
+        model.eval()  # dropout off: the Fisher of the deterministic model
+        seen, budget = 0, self.fisher_samples
+        try:
+            for batch in loader:
+                if budget is not None and seen >= budget:
+                    break
+                if self.fisher_kind == "empirical":
+                    # One gradient per mini-batch; weight by its size so the result is a sample mean.
+                    n = batch_size_of(batch)
+                    self._accumulate(model, params, fisher, loss_fn(model, batch), float(n))
+                    seen += n
+                    continue
+                for i in range(batch_size_of(batch)):
+                    if budget is not None and seen >= budget:
+                        break
+                    one = slice_batch(batch, i)
+                    self._accumulate(model, params, fisher, self._sample_loss(model, loss_fn, one), 1.0)
+                    seen += 1
+        finally:
+            model.train(was_training)
+            model.zero_grad(set_to_none=True)
+        if seen == 0:
+            raise DataError("EWC consolidation got an empty loader: no data to estimate the Fisher on")
+        return {n: f / seen for n, f in fisher.items()}
+
+    def _sample_loss(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                     one: Any) -> torch.Tensor:
+        if self.fisher_kind == "empirical_per_sample":
+            return loss_fn(model, one)
+        logits = self.output_fn(model, one)  # (1, ..., C)
+        flat = logits.reshape(-1, logits.shape[-1]).float()  # (N, C): every position is one prediction
+        with torch.no_grad():
+            drawn = torch.multinomial(torch.softmax(flat, dim=-1), 1).squeeze(-1)  # y ~ p(y|x)
+        return nn.functional.cross_entropy(flat, drawn)
+
+    @staticmethod
+    def _accumulate(model: nn.Module, params: dict[str, nn.Parameter], fisher: dict[str, torch.Tensor],
+                    loss: torch.Tensor, weight: float) -> None:
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, _), g in zip(params.items(), grads, strict=True):
+            if g is not None:
+                fisher[name].add_(g.detach().float().square(), alpha=weight)
+
+    def _rebuild(self) -> None:
+        """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
+        self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
+        names = {n for f in self.fishers.values() for n in f}
+        const = 0.0
+        for n in sorted(names):
+            pairs = [(self.fishers[t][n].double(), self.anchors[t][n].double()) for t in self.fishers
+                     if n in self.fishers[t]]
+            w = sum(f for f, _ in pairs)
+            fa = sum(f * a for f, a in pairs)
+            # Where W = 0 no task cares about the weight; any center gives a zero term.
+            c = torch.where(w > 0, fa / w.clamp_min(1e-300), pairs[-1][1])
+            const += float(sum((f * a.square()).sum() for f, a in pairs) - (w * c.square()).sum())
+            self._weight[n], self._center[n] = w.float(), c.float()
+        self._const = max(const, 0.0)  # >= 0 by Cauchy-Schwarz; clamp float64 rounding
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "fisher_kind": self.fisher_kind, "lam": self.lam, "decay": self.decay,
+            "tasks": list(self.tasks),
+            "fishers": {t: {n: f.cpu() for n, f in fs.items()} for t, fs in self.fishers.items()},
+            "anchors": {t: {n: a.cpu() for n, a in a_.items()} for t, a_ in self.anchors.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("mode", self.mode) != self.mode:
+            raise ConfigError(f"saved EWC state is mode {state['mode']!r}, this hook is {self.mode!r}")
+        try:
+            self.fishers = {t: dict(fs) for t, fs in state["fishers"].items()}
+            self.anchors = {t: dict(a) for t, a in state["anchors"].items()}
+            self.tasks = list(state["tasks"])
+        except (KeyError, AttributeError, TypeError) as e:
+            raise DataError(f"malformed EWC state (missing {e}); was it saved by core.continual.ewc?") from e
+        for t, fs in self.fishers.items():
+            if set(fs) != set(self.anchors.get(t, {})):
+                raise DataError(f"EWC state for task {t!r} has Fisher and anchors for different parameters")
+        self._rebuild()
+
+    def save(self, path: str | Path) -> None:
+        """Write Fisher + anchors to one safetensors file (for use without a trainer checkpoint)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{kind}/{t}/{n}": v.contiguous().cpu()
+                   for kind, store in (("fisher", self.fishers), ("anchor", self.anchors))
+                   for t, d in store.items() for n, v in d.items()}
+        meta = {"mode": self.mode, "fisher_kind": self.fisher_kind, "lam": str(self.lam),
+                "decay": str(self.decay), "tasks": "\n".join(self.tasks)}
+        save_file(tensors, str(path), metadata=meta)
+
+    def load(self, path: str | Path) -> None:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                fishers: dict[str, dict[str, torch.Tensor]] = {}
+                anchors: dict[str, dict[str, torch.Tensor]] = {}
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    kind, rest = key.split("/", 1)
+                    task, name = rest.rsplit("/", 1)  # parameter names never hold "/"
+                    (fishers if kind == "fisher" else anchors).setdefault(task, {})[name] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error type for corrupt files
+            raise DataError(f"cannot read EWC state from {path}: {e}") from e
+        tasks = meta.get("tasks", "")
+        self.load_state_dict({"mode": meta.get("mode", self.mode), "fishers": fishers, "anchors": anchors,
+                              "tasks": tasks.split("\n") if tasks else []})

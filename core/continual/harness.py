@@ -1,0 +1,295 @@
+"""Evaluation harness: train a benchmark's tasks in sequence with one method and score every step.
+
+Outputs (``run``):
+  * ``accuracy_matrix`` R[i][j]: accuracy on task j's eval set after training tasks 0..i.
+  * ``average_accuracy``: mean_j R[T-1][j].
+  * ``forgetting``: mean over j < T-1 of max_{i<T-1} R[i][j] - R[T-1][j] (Chaudhry et al. 2018);
+    ``forgetting_per_task`` lists each j.
+  * ``backward_transfer``: mean over j < T-1 of R[T-1][j] - R[j][j] (Lopez-Paz & Ranzato 2017).
+  * ``forward_transfer``: mean over j > 0 of R[j-1][j] - b_j, with b_j the accuracy of the untrained
+    model on task j (Lopez-Paz & Ranzato 2017).
+  * references from the same run: ``joint_accuracy`` (one model trained on all tasks at once: the
+    upper reference) and ``naive_average_accuracy`` (plain sequential fine-tuning: the lower one).
+  * for EWC methods, ``ewc_step_time_ratio``: median EWC training step time / median plain step
+    time, measured side by side (interleaved rounds) on the same model and batches.
+
+Methods: ``naive`` (fine-tune), ``ewc`` (separate Fisher per task), ``online-ewc``, ``lora`` (first task
+trains the whole model; each later task trains only its own adapters, plus its head in task-incremental
+benchmarks; inference picks the adapter by task id), ``replay`` (reservoir buffer, rehearsal).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from core.continual import adapters
+from core.continual.benchmarks import Batch, Benchmark, Task, loss_fn, output_fn
+from core.continual.ewc import EWC
+from core.continual.replay import Replay, ReservoirBuffer
+from core.errors import ConfigError
+from core.train.hooks import TrainerHook
+
+Method = Literal["naive", "ewc", "online-ewc", "lora", "replay"]
+METHODS: tuple[str, ...] = ("naive", "ewc", "online-ewc", "lora", "replay")
+
+
+class TensorLoader:
+    """Re-iterable mini-batches over an ``(x, y, t)`` tuple, reshuffled (seeded) every pass."""
+
+    def __init__(self, data: Batch, batch_size: int, *, shuffle: bool = True, seed: int = 0) -> None:
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.data[0]) // self.batch_size)
+
+    def __iter__(self):  # noqa: ANN204 - a generator of Batch
+        n = len(self.data[0])
+        order = torch.randperm(n, generator=self._gen) if self.shuffle else torch.arange(n)
+        for s in range(0, n, self.batch_size):
+            idx = order[s : s + self.batch_size]
+            yield tuple(d[idx] for d in self.data)
+
+
+def make_trainer(model: nn.Module, *, lr: float, hooks: Sequence[TrainerHook] = (),
+                 params: Sequence[nn.Parameter] | None = None, device: str = "cpu") -> Any:
+    from core.train.trainer import Trainer
+
+    return Trainer(model, loss_fn, lr=lr, weight_decay=0.0, grad_clip=None, amp="fp32", hooks=hooks,
+                   params=params, device=device, progress=False)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, task: Task, batch_size: int = 1024, device: str = "cpu") -> float:
+    was = model.training
+    model.eval()
+    x, y, t = task.eval
+    correct = 0
+    for s in range(0, len(y), batch_size):
+        logits = model(x[s : s + batch_size].to(device), t[s : s + batch_size].to(device))
+        correct += int((logits.argmax(-1).cpu() == y[s : s + batch_size]).sum())
+    model.train(was)
+    return correct / max(len(y), 1)
+
+
+def _adapter_id(bench: Benchmark, j: int) -> str | None:
+    return None if j == 0 else bench.tasks[j].name
+
+
+def _eval_row(bench: Benchmark, model: nn.Module, method: str, device: str) -> list[float]:
+    row = []
+    for j, task in enumerate(bench.tasks):
+        if method == "lora":
+            with adapters.use_task(model, _adapter_id(bench, j)):
+                row.append(accuracy(model, task, device=device))
+        else:
+            row.append(accuracy(model, task, device=device))
+    return row
+
+
+def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
+    if method == "ewc":
+        return [EWC(bench.ewc_lambda, mode="separate", fisher=bench.ewc_fisher,  # type: ignore[arg-type]
+                    params=bench.ewc_params, fisher_samples=bench.fisher_samples, output_fn=output_fn)]
+    if method == "online-ewc":
+        return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
+                    params=bench.ewc_params, fisher_samples=bench.fisher_samples, output_fn=output_fn)]
+    if method == "replay":
+        return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
+    return []
+
+
+def train_sequence(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu",
+                   bar: tqdm | None = None) -> tuple[list[list[float]], list[float]]:
+    """Train tasks in order with ``method``; returns (R, b): the accuracy matrix and untrained accuracies."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    torch.manual_seed(seed)
+    model = bench.make_model().to(device)
+    base = _eval_row(bench, model, "naive", device)
+    hooks = _hooks(bench, method, seed)
+    matrix: list[list[float]] = []
+    for i, task in enumerate(bench.tasks):
+        params = None
+        if method == "lora" and i > 0:
+            params = adapters.add_task(model, task.name, bench.lora_targets, rank=bench.lora_rank)
+            if bench.head_pattern:
+                pattern = bench.head_pattern.format(task=i)
+                params += [p for n, p in model.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
+            adapters.set_task(model, task.name)
+        trainer = make_trainer(model, lr=bench.lr, hooks=hooks, params=params, device=device)
+        trainer.fit(TensorLoader(task.train, bench.batch_size, seed=seed + i), epochs=bench.epochs,
+                    task_id=task.name)
+        matrix.append(_eval_row(bench, model, method, device))
+        if bar is not None:
+            bar.update(1)
+    return matrix, base
+
+
+def train_joint(bench: Benchmark, *, seed: int = 0, device: str = "cpu") -> list[float]:
+    """Upper reference: one model trained on every task's data at once (same epochs)."""
+    torch.manual_seed(seed)
+    model = bench.make_model().to(device)
+    data = tuple(torch.cat([t.train[k] for t in bench.tasks]) for k in range(3))
+    make_trainer(model, lr=bench.lr, device=device).fit(TensorLoader(data, bench.batch_size, seed=seed),
+                                                         epochs=bench.epochs, task_id="joint")
+    return [accuracy(model, t, device=device) for t in bench.tasks]
+
+
+def metrics(matrix: list[list[float]], base: list[float]) -> dict[str, Any]:
+    """Average accuracy, forgetting, backward and forward transfer from R (T x T) and b (T)."""
+    n = len(matrix)
+    last = matrix[-1]
+    forget = [max(matrix[i][j] for i in range(j, n - 1)) - last[j] for j in range(n - 1)]
+    return {
+        "average_accuracy": sum(last) / n,
+        "forgetting": sum(forget) / len(forget) if forget else 0.0,
+        "forgetting_per_task": forget,
+        "backward_transfer": sum(last[j] - matrix[j][j] for j in range(n - 1)) / (n - 1) if n > 1 else 0.0,
+        "forward_transfer": sum(matrix[j - 1][j] - base[j] for j in range(1, n)) / (n - 1) if n > 1 else 0.0,
+    }
+
+
+class _StepTimer(TrainerHook):
+    """Wall time from ``before_step`` to ``after_step``: forward, penalty, backward, optimizer step."""
+
+    name = "step_timer"
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def before_step(self, trainer: Any, batch: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_step(self, trainer: Any, loss: float) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, rounds: int = 7,
+                    steps: int = 40, seed: int = 0, device: str = "cpu") -> dict[str, float]:
+    """EWC vs plain training step time, interleaved rounds on copies of one model and the same batches.
+
+    The EWC hook is first consolidated on every task (separate mode then holds T Fisher/anchor pairs).
+    Both ways of applying the penalty are timed: ``apply="grad"`` (the default) and ``apply="loss"``.
+    """
+    torch.manual_seed(seed)
+    model = bench.make_model().to(device)
+    ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,
+              consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
+    for task in bench.tasks:
+        ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
+    ewc_loss = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply="loss",
+                   consolidate_at_task_end=False)
+    ewc_loss.load_state_dict(ewc.state_dict())
+    timers = {k: _StepTimer() for k in ("plain", "grad", "loss")}
+    trainers = {
+        "plain": make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[timers["plain"]], device=device),
+        "grad": make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[timers["grad"], ewc], device=device),
+        "loss": make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[timers["loss"], ewc_loss], device=device),
+    }
+    loader = TensorLoader(bench.tasks[-1].train, bench.batch_size, seed=seed)
+    for _ in range(rounds):
+        for trainer in trainers.values():
+            trainer.fit(loader, max_steps=steps, task_id="timing")
+    # drop the first round of each (allocator and cache warm-up)
+    med = {k: statistics.median(t.times[steps:]) for k, t in timers.items()}
+    return {"plain_step_ms": 1e3 * med["plain"], "ewc_step_ms": 1e3 * med["grad"],
+            "ewc_step_time_ratio": med["grad"] / med["plain"],
+            "ewc_loss_path_step_ms": 1e3 * med["loss"],
+            "ewc_loss_path_step_time_ratio": med["loss"] / med["plain"]}
+
+
+def _plots(result: dict[str, Any], task_names: list[str], stem: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result["accuracy_matrix"]
+    n = len(r)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    im = ax.imshow(r, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{r[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if r[i][j] < 0.6 else "black")
+    ax.set_xticks(range(n), task_names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [f"after {t}" for t in task_names], fontsize=7)
+    ax.set_xlabel("evaluated on task j")
+    ax.set_title(f"{result['benchmark']} / {result['method']}: R[i][j]")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    heat = stem.with_name(stem.name + "-matrix.png")
+    fig.savefig(heat, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j in range(n):
+        ax.plot(range(j, n), [r[i][j] for i in range(j, n)], marker="o", label=task_names[j])
+    ax.axhline(result["joint_accuracy"], ls="--", c="k", lw=1, label="joint (avg)")
+    ax.set_xticks(range(n), [f"after {t}" for t in task_names], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{result['benchmark']} / {result['method']}: per-task accuracy")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    curves = stem.with_name(stem.name + "-curves.png")
+    fig.savefig(curves, dpi=120)
+    plt.close(fig)
+    return [str(heat), str(curves)]
+
+
+def run(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu", out_dir: Path | None = None,
+        timing: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole evaluation: the method, the naive and joint references, metrics, plots, JSON."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    n = len(bench.tasks)
+    runs = [method] if method == "naive" else [method, "naive"]
+    with tqdm(total=n * len(runs) + 1, desc=f"{bench.name}: {'+'.join(runs)}+joint", file=None) as bar:
+        matrix, base = train_sequence(bench, method, seed=seed, device=device, bar=bar)
+        naive = (matrix, base) if method == "naive" else train_sequence(bench, "naive", seed=seed, device=device,
+                                                                        bar=bar)
+        joint = train_joint(bench, seed=seed, device=device)
+        bar.update(1)
+    result: dict[str, Any] = {"benchmark": bench.name, "method": method, "accuracy_matrix": matrix,
+                              **metrics(matrix, base)}
+    naive_m = metrics(*naive)
+    result.update({
+        "joint_accuracy": sum(joint) / n,
+        "joint_per_task": joint,
+        "naive_average_accuracy": naive_m["average_accuracy"],
+        "naive_forgetting": naive_m["forgetting"],
+        "naive_forgetting_per_task": naive_m["forgetting_per_task"],
+        "untrained_accuracy": base,
+        "tasks": [t.name for t in bench.tasks],
+        "scenario": bench.scenario,
+        "seed": seed,
+    })
+    if timing and method in ("ewc", "online-ewc"):
+        result.update(step_time_ratio(bench, "online" if method == "online-ewc" else "separate", seed=seed,
+                                      device=device))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["notes"] = bench.notes
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        stem = out_dir / f"{bench.name}-{method}-{stamp}"
+        result["plots"] = _plots(result, result["tasks"], stem)
+        result["json_path"] = str(stem.with_suffix(".json"))
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,700 @@
+"""A DeepSeek-V3 language model in one file: config, RMSNorm, RoPE (+YaRN), MLA, DeepSeekMoE, MTP.
+
+Reads top to bottom like DeepSeek's own ``inference/model.py``. Module and parameter names follow
+transformers' ``DeepseekV3ForCausalLM`` (``model.layers.N.self_attn.kv_a_proj_with_mqa`` ...), so a
+Hugging Face DeepSeek-V3 checkpoint loads with a plain name map (see ``core.model.hf``).
+
+What the architecture does, and why:
+- **MLA** compresses keys/values into one ``kv_lora_rank`` latent plus a single shared RoPE key per
+  token; the decode cache holds only those (``kv_lora_rank + qk_rope_head_dim`` numbers per token per
+  layer). At decode time attention runs in latent space ("absorb": ``W_UK`` is folded into the
+  query and ``W_UV`` into the output) so the cache is never expanded to per-head keys/values.
+- **DeepSeekMoE**: shared experts + fine-grained routed experts, sigmoid affinities, group-limited
+  top-k; the chosen experts' weights are normalised and multiplied by ``routed_scaling_factor``.
+- **Auxiliary-loss-free balancing**: a per-expert bias ``e_score_correction_bias`` is added to the
+  scores *for choosing experts only*; after each optimizer step ``b_i += gamma * sign(mean_load -
+  load_i)`` (``update_balance_bias``). An optional tiny sequence-wise balance loss is also available.
+- **MTP**: ``num_nextn_predict_layers`` sequential modules predict tokens 2..D+1 ahead, sharing the
+  embedding and output head; their loss is weighted by ``mtp_loss_weight`` (lambda). At inference the
+  first module drafts tokens for self-speculative decoding (``core.model.generate``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    """Every key of a DeepSeek-V3 ``config.json`` is a field, so ``ModelArgs(**json.load(f))`` works.
+
+    The first block is the architecture (Hugging Face names); the second block is training-only knobs
+    of this implementation; the last block is Hugging Face bookkeeping kept for round trips.
+    """
+
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    moe_intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    n_shared_experts: int = 1
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    kv_lora_rank: int = 64
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    num_nextn_predict_layers: int = 0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+
+    # Training knobs (ours; ignored by other runtimes).
+    bias_update_speed: float = 1e-3  # gamma of the aux-loss-free bias update
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (0 = off)
+    seq_aux: bool = True
+    mtp_loss_weight: float = 0.3  # lambda
+
+    # Hugging Face bookkeeping (kept so configs round-trip; no effect here).
+    architectures: list[str] = field(default_factory=lambda: ["DeepseekV3ForCausalLM"])
+    model_type: str = "deepseek_v3"
+    transformers_version: str | None = None
+    dtype: str | None = "float32"
+    torch_dtype: str | None = None
+    use_cache: bool = True
+    pretraining_tp: int = 1
+    ep_size: int = 1
+    head_dim: int | None = None
+    qk_head_dim: int | None = None
+    output_router_logits: bool = False
+    auto_map: dict[str, str] | None = None
+    quantization_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.head_dim = self.qk_rope_head_dim
+        if self.n_routed_experts % max(self.n_group, 1):
+            raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"topk_group={self.topk_group} > n_group={self.n_group}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError("num_experts_per_tok exceeds n_routed_experts")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError("qk_rope_head_dim must be even")
+        if self.scoring_func != "sigmoid":
+            raise ConfigError(f"scoring_func={self.scoring_func!r} not supported (DeepSeek-V3 uses 'sigmoid')")
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """RoPE parameters in one dict, from ``rope_parameters`` (transformers>=5) or ``rope_scaling``."""
+        p = dict(self.rope_parameters or {})
+        if not p:
+            p = dict(self.rope_scaling or {})
+            if "type" in p and "rope_type" not in p:
+                p["rope_type"] = p.pop("type")
+        p.setdefault("rope_type", "default")
+        p.setdefault("rope_theta", self.rope_theta)
+        return p
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (self.n_routed_experts > 0 and layer_id >= self.first_k_dense_replace
+                and layer_id % max(self.moe_layer_freq, 1) == 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
+        """Like ``ModelArgs(**d)`` but drops (and logs) keys this runtime does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            log.info("ignoring config keys %s", unknown)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelArgs:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (d_rope/2,) and the cos/sin scale; YaRN blends interpolated and original
+    frequencies with a linear ramp between the beta_fast/beta_slow correction dims."""
+    p, dim = args.rope, args.qk_rope_head_dim
+    base = float(p["rope_theta"])
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    if p["rope_type"] in ("default", None):
+        return 1.0 / pos_freqs, 1.0
+    if p["rope_type"] != "yarn":
+        raise ConfigError(f"rope type {p['rope_type']!r} not supported (use 'default' or 'yarn')")
+    factor = float(p.get("factor") or 1.0)
+    orig = int(p.get("original_max_position_embeddings") or args.max_position_embeddings)
+    mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
+    attn_factor = p.get("attention_factor")
+    if attn_factor is None:
+        attn_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+                       if mscale and mscale_all else _yarn_mscale(factor))
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extra = 1 - ramp  # 1 -> keep original frequency (high-frequency dims), 0 -> interpolate
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+    return inv, float(attn_factor)
+
+
+def softmax_scale(args: ModelArgs) -> float:
+    scale = args.qk_head_dim ** -0.5
+    p = args.rope
+    if p["rope_type"] not in ("default", None) and p.get("mscale_all_dim"):
+        m = _yarn_mscale(float(p["factor"]), float(p["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """x: (B, h, T, d_rope); cos/sin: (B, 1, T, d_rope/2). Interleaved pairs (x0,x1),(x2,x3).. as in
+    DeepSeek's weights; the output is laid out [rotated evens | rotated odds] like transformers (q and k
+    get the same permutation, so q.k is unchanged)."""
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latent KV cache
+# ---------------------------------------------------------------------------------------------------
+class LatentCache:
+    """Decode cache holding, per layer, only ``[kv latent | rope key]``: (B, S_max, r + d_rope).
+
+    All rows share one write position (prompts are left-padded); ``key_mask`` (B, S_max) marks real
+    tokens. ``truncate`` rolls back rejected speculative tokens without copying.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, width: int, *, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.kv = [torch.zeros(batch, max_len, width, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # next RoPE position per row
+        self.length = 0
+        self.max_len = max_len
+
+    def bytes_per_token_per_layer(self) -> int:
+        t = self.kv[0]
+        return t.shape[-1] * t.element_size()
+
+    def truncate(self, length: int) -> None:
+        drop = self.length - length
+        if drop > 0:
+            self.pos -= self.key_mask[:, length:self.length].sum(1)
+            self.key_mask[:, length:self.length] = False
+            self.length = length
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention (MLA)
+# ---------------------------------------------------------------------------------------------------
+class MLA(nn.Module):
+    """Multi-head Latent Attention. Naive mode (training / long prefill) expands the latent through
+    ``kv_b_proj``; absorb mode (cached decode) attends in the latent space directly."""
+
+    absorb_max_query: int = 16  # queries per step up to which cached attention uses absorb mode
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = args.qk_nope_head_dim, args.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = args.qk_head_dim, args.v_head_dim
+        self.rope_interleave = args.rope_interleave
+        self.attention_dropout = args.attention_dropout
+        H, D = self.n_heads, args.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=args.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=args.attention_bias)
+        self.softmax_scale = softmax_scale(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """x: (B, T, D); mask: bool (B, 1, T, S) True = may attend, or None for plain causal;
+        cache: this layer's (B, S_max, r + d_rope) buffer, filled at [start, start + T)."""
+        B, T, _ = x.shape
+        H, dn, dr, r = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, dn + dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)  # (B, T, r + dr)
+        c_kv, k_pe = kv.split([r, dr], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin, self.rope_interleave).squeeze(1)  # (B, T, dr)
+        dropout = self.attention_dropout if self.training else 0.0
+
+        if cache is not None:
+            cache[:, start:start + T, :r] = c_kv
+            cache[:, start:start + T, r:] = k_pe
+            if T <= self.absorb_max_query:
+                return self._absorb(q_nope, q_pe, cache[:, :start + T], mask)
+            c_kv, k_pe = cache[:, :start + T, :r], cache[:, :start + T, r:]
+
+        # Naive: expand latent to per-head keys and values.
+        S = c_kv.shape[1]
+        kvb = self.kv_b_proj(c_kv).view(B, S, H, dn + self.v_head_dim).transpose(1, 2)  # (B, H, S, dn + dv)
+        k_nope, v = kvb.split([dn, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, dr)], dim=-1)
+        qf = torch.cat([q_nope, q_pe], dim=-1)
+        if mask is None and T > 1 and S != T:  # chunk after a cached prefix: bottom-right causal
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=mask is None and T > 1, scale=self.softmax_scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def _absorb(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Latent-space attention: scores = (q_nope W_UK) c^T + q_pe k_pe^T; out = (p c) W_UV."""
+        B, H, T, _ = q_nope.shape
+        r = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
+        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]  # (H, dn, r), (H, dv, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        # All heads share one latent "key/value" per token, so fold heads into the query rows:
+        # one (H*T, r+dr) x (r+dr, S) matmul per sequence, no per-head copies of the cache.
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, H * T, -1)  # (B, H*T, r + dr)
+        S = kv.shape[1]
+        scores = torch.bmm(q, kv.transpose(1, 2)).view(B, H, T, S) * self.softmax_scale  # (B, H, T, S)
+        if mask is None and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(scores.float(), dim=-1).type_as(q).view(B, H * T, S)
+        o = torch.bmm(p, kv[..., :r]).view(B, H, T, r)  # (B, H, T, r) in latent space
+        o = torch.einsum("bhtr,hvr->bthv", o, w_uv).reshape(B, T, H * self.v_head_dim)
+        return self.o_proj(o)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, gate, MoE
+# ---------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with group-limited top-k. ``e_score_correction_bias`` steers which experts are
+    chosen but never the weights they get; it is a buffer, moved by ``update_bias`` (no gradient)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = args.num_experts_per_tok, args.n_routed_experts
+        self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = args.norm_topk_prob, args.routed_scaling_factor
+        self.aux_loss_alpha, self.seq_aux = args.aux_loss_alpha, args.seq_aux
+        self.weight = nn.Parameter(torch.empty(self.n_experts, args.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)  # tokens/expert since update
+        self.track_load = False
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, batch_shape: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> (weights (N, k), expert indices (N, k))."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            g = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (N, G, E/G)
+            gs = g.topk(2, dim=-1)[0].sum(-1) if g.shape[-1] > 1 else g.amax(-1)  # (N, G)
+            keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(self.topk_group, dim=-1)[1], True)
+            choice = choice.masked_fill(~keep.repeat_interleave(self.n_experts // self.n_group, 1), float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]  # (N, k)
+        w = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * self.routed_scaling_factor
+        if self.training or self.track_load:
+            with torch.no_grad():
+                self.load += torch.bincount(idx.flatten(), minlength=self.n_experts).to(self.load)
+        self.aux_loss = None
+        if self.training and self.aux_loss_alpha > 0 and batch_shape is not None:
+            self.aux_loss = self._seq_balance_loss(scores, idx, batch_shape)
+        return w.type_as(x), idx
+
+    def _seq_balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, bt: tuple[int, int]) -> torch.Tensor:
+        """Sequence-wise balance loss alpha * sum_i f_i P_i (DeepSeek-V3 eq. 17-20), averaged over sequences."""
+        B, T = bt
+        E, k = self.n_experts, self.top_k
+        s = scores / scores.sum(-1, keepdim=True)  # normalised affinities
+        p = s.view(B, T, E).mean(1)  # (B, E)
+        counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, idx.view(B, T * k), torch.ones(B, T * k, device=scores.device))
+        f = counts * E / (k * T)
+        return self.aux_loss_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> None:
+        """b_i += gamma * sign(mean_load - load_i); then reset the load counter."""
+        if self.load.sum() > 0:
+            self.e_score_correction_bias += gamma * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.hidden_size, args.moe_intermediate_size)
+                                     for _ in range(args.n_routed_experts))
+        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])  # (N, D)
+        w, idx = self.gate(xf, (shape[0], shape[1]) if x.dim() == 3 else None)
+        y = torch.zeros_like(xf)
+        if xf.shape[0] <= 4:  # decode / speculative verify: visit each token's k experts directly
+            rows = []
+            for t, (es, ws) in enumerate(zip(idx.tolist(), w, strict=True)):
+                xt = xf[t:t + 1]
+                rows.append(sum(self.experts[e](xt) * we for e, we in zip(es, ws, strict=True)))
+            y = torch.cat(rows, 0)
+        else:
+            counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
+            for e, c in enumerate(counts):
+                if c == 0:
+                    continue
+                tok, slot = torch.where(idx == e)
+                y.index_add_(0, tok, self.experts[e](xf[tok]) * w[tok, slot, None])
+        return (y + self.shared_experts(xf)).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks, the model, MTP
+# ---------------------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = MLA(args)
+        self.mlp: nn.Module = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size,
+                                                                                args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the projection is the main model's ``lm_head`` (shared)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    """Depth-k MTP: h'_i = Block(eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)])), logits = head(norm(h'_i))."""
+
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.block = DecoderLayer(args, layer_id)
+        self.shared_head = SharedHead(args)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """h, emb: (B, T, D) -> new hidden (B, T, D) (pre-norm; feed ``shared_head.norm`` then lm_head)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(x, cos, sin, mask, cache, start)
+
+
+class Backbone(nn.Module):
+    """``model.*`` of the HF layout: embeddings, decoder layers, final norm."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden: torch.Tensor  # (B, T, D) final hidden before the last norm (feeds MTP)
+
+
+class DeepseekV3(nn.Module):
+    """The causal LM. ``forward`` -> logits; ``compute_loss`` adds MTP and balance terms for training."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(args, args.num_hidden_layers + k)
+                                 for k in range(args.num_nextn_predict_layers))
+        inv_freq, self.rope_scale = rope_inv_freq(args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -- setup ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.args.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, Gate):
+                nn.init.normal_(m.weight, 0.0, std)
+                m.e_score_correction_bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.inv_freq.copy_(rope_inv_freq(self.args)[0])
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        self.gradient_checkpointing = enable
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or (``active``) those used per token: routed experts count only top-k."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            for m in self.modules():
+                if isinstance(m, MoE):
+                    per = sum(p.numel() for p in m.experts[0].parameters())
+                    n -= per * (len(m.experts) - m.gate.top_k)
+        return n
+
+    def gates(self) -> list[Gate]:
+        return [m for m in self.modules() if isinstance(m, Gate)]
+
+    @torch.no_grad()
+    def update_balance_bias(self, gamma: float | None = None) -> None:
+        """Aux-loss-free balancing step for every MoE layer (call after each optimizer step)."""
+        for g in self.gates():
+            g.update_bias(self.args.bias_update_speed if gamma is None else gamma)
+
+    def new_cache(self, batch: int, max_len: int, *, mtp: bool = False) -> LatentCache:
+        n = len(self.mtp) if mtp else self.args.num_hidden_layers
+        p = self.lm_head.weight
+        return LatentCache(n, batch, max_len, self.args.kv_lora_rank + self.args.qk_rope_head_dim,
+                           dtype=p.dtype, device=p.device)
+
+    # -- forward -------------------------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, d_rope/2)."""
+        f = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
+        return ((f.cos() * self.rope_scale).to(dtype).unsqueeze(1),
+                (f.sin() * self.rope_scale).to(dtype).unsqueeze(1))
+
+    def _prepare(self, B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None,
+                 cache: LatentCache | None, position_ids: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Positions (B, T), the bool attention mask (B, 1, T, S) or None (plain causal), and start."""
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            if start + T > cache.max_len:
+                raise ConfigError(f"cache holds {cache.max_len} tokens; asked for {start + T}")
+            new = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                                     device=device)
+            cache.key_mask[:, start:start + T] = new
+            if position_ids is None:
+                position_ids = cache.pos[:, None] + new.long().cumsum(1) - 1
+                position_ids = position_ids.clamp_min(0)
+            cache.pos += new.sum(1)
+            keys = cache.key_mask[:, :start + T]
+            padded = not bool(keys.all())
+        else:
+            keys = attention_mask.bool() if attention_mask is not None else None
+            padded = keys is not None and not bool(keys.all())
+            if position_ids is None:
+                if padded:
+                    position_ids = (keys.long().cumsum(1) - 1).clamp_min(0)
+                else:
+                    position_ids = torch.arange(T, device=device).expand(B, T)
+        mask = None
+        if padded:
+            S = start + T
+            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)
+            self_pos = torch.zeros(T, S, dtype=torch.bool, device=device)
+            self_pos[torch.arange(T), torch.arange(start, S)] = True  # padded rows still see themselves
+            mask = ((causal & keys[:, None, :]) | self_pos)[:, None]  # (B, 1, T, S)
+        return position_ids, mask, start
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: LatentCache | None = None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> torch.Tensor | LMOutput:
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V) (last ``logits_to_keep`` only
+        when > 0). ``attention_mask`` (B, T): 1 = real token, 0 = padding / skipped position."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        pos, mask, start = self._prepare(B, T, x.device, attention_mask, cache, position_ids)
+        cos, sin = self.rope(pos, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            kv = cache.kv[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, kv, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv, start)
+        if cache is not None:
+            cache.length = start + T
+        h = x
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.model.norm(x))
+        return LMOutput(logits, h) if return_hidden else logits
+
+    def mtp_forward(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, *,
+                    attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                    cache: LatentCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module ``k`` on hidden h (B, T, D) at positions i and the ids of t_{i+k+1} (B, T).
+        ``cache`` is an MTP cache (``new_cache(..., mtp=True)``). Returns (logits (B, T, V), hidden (B, T, D))."""
+        B, T, _ = h.shape
+        pos, mask, start = self._prepare(B, T, h.device, attention_mask, cache, position_ids)
+        cos, sin = self.rope(pos, h.dtype)
+        mod = self.mtp[k]
+        hk = mod(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.kv[k] if cache is not None else None,
+                 start)
+        if cache is not None:
+            cache.length = start + T
+        return self.lm_head(mod.shared_head.norm(hk)), hk
+
+    def compute_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Next-token loss + lambda/D * sum_k MTP_k loss + balance loss. input_ids (B, T); labels
+        default to input_ids (-100 = ignore; padding is ignored via attention_mask)."""
+        labels = input_ids.clone() if labels is None else labels.clone()
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, -100)
+        out = self(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_hidden=True)
+        V = self.args.vocab_size
+        lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                             ignore_index=-100)
+        total, parts = lm, {"lm_loss": lm.detach()}
+        if len(self.mtp):
+            T = input_ids.shape[1]
+            h, mtp_losses = out.hidden, []
+            for k in range(len(self.mtp)):
+                n = T - k - 1  # positions whose token t_{i+k+1} exists
+                if n < 2:
+                    break
+                am = attention_mask[:, :n] if attention_mask is not None else None
+                logits, h = self.mtp_forward(k, h[:, :n], input_ids[:, k + 1:k + 1 + n], attention_mask=am)
+                tgt = labels[:, k + 2:k + 2 + n - 1]  # module k at position i predicts t_{i+k+2}
+                mtp_losses.append(F.cross_entropy(logits[:, :n - 1].reshape(-1, V).float(), tgt.reshape(-1),
+                                                  ignore_index=-100))
+            if mtp_losses:
+                mtp = torch.stack(mtp_losses).mean()
+                total = total + self.args.mtp_loss_weight * mtp
+                parts["mtp_loss"] = mtp.detach()
+        aux = [g.aux_loss for g in self.gates() if g.aux_loss is not None]
+        if aux:
+            a = torch.stack(aux).sum()
+            total = total + a
+            parts["balance_loss"] = a.detach()
+        parts["loss"] = total
+        return parts
+
+
+def expert_load_imbalance(model: DeepseekV3) -> float:
+    """max load / mean load over all MoE layers' counters (worst layer); 1.0 = perfectly balanced."""
+    worst = 1.0
+    for g in model.gates():
+        if g.load.sum() > 0:
+            worst = max(worst, float(g.load.max() / g.load.mean()))
+    return worst

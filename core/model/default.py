@@ -1,0 +1,219 @@
+"""Training the core LM on the shared corpora, and the default small LM every area can rely on.
+
+One pipeline, visible in ``train_lm``::
+
+    documents (core.model.data) -> byte-level BPE (core.model.tokenizer) -> packed blocks
+      -> Trainer(DeepseekV3.compute_loss, hooks=[MoEBalanceHook]) -> save_pretrained (HF layout + tokenizer)
+      -> balance + held-out loss on dev documents -> train_metrics.json
+
+``ensure_default_lm(progress=...)`` returns the directory of the default checkpoint
+(``get_settings().model_dir("core", "lm-default")``), training it first when it does not exist
+(a file lock keeps concurrent callers from training twice).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import DataError
+from core.model.data import CORPORA, BlockLoader, iter_documents, pack
+from core.model.deepseek import DeepseekV3, ModelArgs, expert_load_imbalance
+from core.model.hf import CONFIG, WEIGHTS, load_pretrained, save_pretrained
+from core.model.tokenizer import TOKENIZER_FILE, Tokenizer
+from core.settings import get_settings
+from core.train.hooks import TrainerHook
+from core.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+# ~2.6M parameters (6 layers, MoE in layers 1-5, one MTP module): small enough to train in a few
+# minutes on 2 idle CPU cores. Bigger shapes are a config away (``verticals core train --config``).
+DEFAULT_LM_ARGS: dict[str, Any] = dict(
+    vocab_size=4096, hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=6,
+    num_attention_heads=4, kv_lora_rank=48, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
+    v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=2, n_shared_experts=1,
+    first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
+    num_nextn_predict_layers=1, mtp_loss_weight=0.3, bias_update_speed=0.01, aux_loss_alpha=1e-4,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+@dataclass
+class TrainConfig:
+    """How to train (the model shape is ``model`` = ModelArgs fields)."""
+
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LM_ARGS))
+    corpora: list[str] = field(default_factory=lambda: list(CORPORA))
+    docs_per_corpus: int | None = 2000  # cap per corpus (SGD alone is 13M characters)
+    tokenizer_docs_per_corpus: int = 2000
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: int = 200
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    balance_bias: bool = True  # aux-loss-free bias update
+    gradient_checkpointing: bool = False
+    amp: str = "auto"
+    seed: int = 0
+    eval_blocks: int = 64
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"training config {p} not found")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"training config {p} is not valid JSON: {e}") from e
+        model = {**DEFAULT_LM_ARGS, **d.pop("model", {})}
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise DataError(f"unknown training config keys {bad}; known: {sorted(known)}")
+        return cls(model=model, **d)
+
+
+class MoEBalanceHook(TrainerHook):
+    """After each optimizer step, nudge every gate's routing bias toward balance (aux-loss-free)."""
+
+    name = "moe_balance"
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def after_step(self, trainer: Any, loss: float) -> None:
+        model: DeepseekV3 = trainer.model
+        if self.enabled:
+            model.update_balance_bias()
+        else:  # still reset the counters so they do not grow without bound
+            for g in model.gates():
+                g.load.zero_()
+
+
+@torch.no_grad()
+def measure_balance(model: DeepseekV3, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, Any]:
+    """Expert load max/mean per MoE layer on ``blocks`` (eval mode), plus mean next-token loss."""
+    model.eval()
+    for g in model.gates():
+        g.load.zero_()
+        g.track_load = True
+    losses = []
+    try:
+        for i in range(0, len(blocks), batch_size):
+            b = blocks[i:i + batch_size]
+            losses.append(float(model.compute_loss(b)["lm_loss"]))
+        per_layer = [round(float(g.load.max() / g.load.mean()), 3) for g in model.gates() if g.load.sum() > 0]
+        worst = expert_load_imbalance(model)
+    finally:
+        for g in model.gates():
+            g.track_load = False
+            g.load.zero_()
+    return {"max_over_mean_load": round(worst, 3), "per_layer": per_layer,
+            "mean_max_over_mean": round(sum(per_layer) / max(len(per_layer), 1), 3),
+            "dev_loss": round(sum(losses) / max(len(losses), 1), 4)}
+
+
+def prepare_data(cfg: TrainConfig, data_root: Path, tokenizer: Tokenizer | None = None
+                 ) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
+    """Train (or reuse) the tokenizer and pack train / dev blocks."""
+    if tokenizer is None:
+        docs = iter_documents(data_root, cfg.corpora, "train", cfg.tokenizer_docs_per_corpus)
+        tokenizer = Tokenizer.train(docs, vocab_size=int(cfg.model.get("vocab_size", 4096)))
+    train_docs = list(iter_documents(data_root, cfg.corpora, "train", cfg.docs_per_corpus))
+    dev_corpora = [c for c in cfg.corpora if c != "banking77"]  # banking77 has no dev split here
+    dev_docs = list(iter_documents(data_root, dev_corpora, "dev" if dev_corpora else "train", 200))
+    train = pack(tokenizer.encode_batch(train_docs), cfg.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    dev = pack(tokenizer.encode_batch(dev_docs), cfg.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dev = dev[torch.randperm(len(dev), generator=g)[:cfg.eval_blocks]]
+    return tokenizer, train, dev
+
+
+def train_lm(out_dir: str | Path, cfg: TrainConfig | None = None, *, data_root: str | Path | None = None,
+             progress: bool = True, tokenizer: Tokenizer | None = None,
+             step_callback: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train a DeepSeek-V3 LM on the shared corpora and save it (HF layout + tokenizer) to ``out_dir``."""
+    cfg = cfg or TrainConfig()
+    root = Path(data_root) if data_root is not None else get_settings().data_root
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    tokenizer, train, dev = prepare_data(cfg, root, tokenizer)
+    args = ModelArgs(**{**cfg.model, "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
+                        "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id})
+    model = DeepseekV3(args)
+    hooks: list[TrainerHook] = [MoEBalanceHook(cfg.balance_bias)]
+    if step_callback is not None:
+        hooks.append(_CallbackHook(step_callback))
+    trainer = Trainer(model, lambda m, b: m.compute_loss(b)["loss"], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, amp=cfg.amp,  # type: ignore[arg-type]
+                      gradient_checkpointing=cfg.gradient_checkpointing, hooks=hooks, progress=progress,
+                      device="cpu" if not torch.cuda.is_available() else None)
+    loader = BlockLoader(train, cfg.batch_size, cfg.seed)
+    stats = trainer.fit(loader, epochs=math.ceil(cfg.steps / len(loader)), max_steps=cfg.steps, task_id="lm")
+    model = trainer.model.float().cpu().eval()
+    balance = measure_balance(model, dev)
+    out = Path(out_dir)
+    save_pretrained(model, out, tokenizer)
+    metrics = {"params": model.num_parameters(), "active_params": model.num_parameters(active=True),
+               "train_blocks": len(train), "seq_len": cfg.seq_len, "steps": stats["steps"],
+               "final_train_loss": round(stats["loss"], 4), "tokens_per_s": round(stats["tokens_per_s"], 1),
+               "train_seconds": round(stats["seconds"], 1), "total_seconds": round(time.perf_counter() - t0, 1),
+               "amp_dtype": str(trainer.amp_dtype).replace("torch.", ""), "balance_bias": cfg.balance_bias,
+               **{f"dev_{k}" if k != "dev_loss" else k: v for k, v in balance.items()}, "config": asdict(cfg)}
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+class _CallbackHook(TrainerHook):
+    name = "callback"
+
+    def __init__(self, fn: Callable[[int, float], None]) -> None:
+        self.fn = fn
+
+    def after_step(self, trainer: Any, loss: float) -> None:
+        self.fn(trainer.global_step, loss)
+
+
+def default_lm_dir() -> Path:
+    return get_settings().model_dir("core", "lm-default")
+
+
+def default_lm_ready(path: Path | None = None) -> bool:
+    d = path or get_settings().models_dir / "core" / "lm-default"
+    return all((d / f).exists() for f in (CONFIG, WEIGHTS, TOKENIZER_FILE))
+
+
+def ensure_default_lm(progress: bool = True, cfg: TrainConfig | None = None,
+                      step_callback: Callable[[int, float], None] | None = None) -> Path:
+    """Directory of the default LM (HF layout + tokenizer), trained first if it is missing."""
+    d = default_lm_dir()
+    if default_lm_ready(d):
+        return d
+    with open(d.parent / "lm-default.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training it right now
+        if default_lm_ready(d):
+            return d
+        tmp = d.parent / "lm-default.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("training the default core LM into %s", d)
+        train_lm(tmp, cfg, progress=progress, step_callback=step_callback)
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.replace(d)
+    return d
+
+
+def load_default_lm(progress: bool = True) -> tuple[DeepseekV3, Tokenizer]:
+    """The default model (eval mode, fp32, CPU) and its tokenizer."""
+    d = ensure_default_lm(progress=progress)
+    return load_pretrained(d), Tokenizer.load(d)

@@ -1,0 +1,1 @@
+"""The three vertical products. Each solution imports `core` and never another solution."""

@@ -1,0 +1,114 @@
+"""Agent assist for one customer turn: guard -> track state -> focus graph -> next action -> reply.
+
+Pure domain logic (no DB, Celery or Streamlit): ``tasks.py`` feeds it stored turns and writes the
+result back. The service catalogue is the SGD schema set (train + dev services); a conversation's
+services are the ones it was imported with, plus the best-scoring service of each turn's intent
+head when none is known (so a new conversation finds its service zero-shot from the descriptions).
+
+Data contract: ``AgentAssist.process(history, prev_state, prev_focus, services) -> AssistResult``
+where ``history`` is ``[(role, text)]`` ending with the customer turn to process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from solutions.customer_service.dst import DialogueStateTracker, encode_pairs, intent_features
+from solutions.customer_service.encoder import MiniLMEncoder
+from solutions.customer_service.focus import FocusGraph
+from solutions.customer_service.reply import (
+    KBEntry,
+    KnowledgeBase,
+    ReplyInput,
+    build_reply_chain,
+    strip_injection,
+)
+from solutions.customer_service.store import TRACK_CHARS
+
+
+@dataclass
+class AssistResult:
+    state: dict[str, Any]
+    focus: dict[str, Any]
+    services: list[str]
+    next_action: str
+    reply: str
+    snippets: list[str] = field(default_factory=list)
+    ungrounded: list[str] = field(default_factory=list)
+    flagged_injection: bool = False
+    model: str = ""
+    latency_ms: float = 0.0
+
+
+def load_catalogue(data_root: Path) -> dict[str, dict[str, Any]]:
+    """Every SGD service schema available (train + dev): the product's service catalogue."""
+    from solutions.customer_service.data import _read_json
+
+    out: dict[str, dict[str, Any]] = {}
+    for split in ("train", "dev"):
+        p = Path(data_root) / "sgd" / split / "schema.json"
+        if p.exists():
+            out.update({s["service_name"]: s for s in _read_json(p)})
+    return out
+
+
+class AgentAssist:
+    def __init__(self, tracker: DialogueStateTracker, schemas: dict[str, dict[str, Any]],
+                 actions: dict[str, Any] | None, kb_entries: list[KBEntry], chat_model: Any = None) -> None:
+        self.tracker = tracker
+        self.schemas = schemas
+        self.bank = tracker.bank(schemas)
+        self.actions = actions
+        self.encoder: MiniLMEncoder = tracker.encoder
+        self.kb = KnowledgeBase(kb_entries, self.encoder)
+        self.chain = build_reply_chain(self.kb, chat_model)
+
+    @torch.inference_mode()
+    def detect_service(self, u: torch.Tensor, s: torch.Tensor) -> str:
+        """Service whose best intent (not NONE) scores highest for this turn."""
+        names, ds = [], []
+        for svc in self.schemas:
+            for it in self.schemas[svc]["intents"]:
+                names.append(svc)
+                ds.append(self.bank.intent(svc, it["name"]))
+        d = torch.stack(ds)
+        n = len(names)
+        lg = self.tracker.heads.intent(intent_features(u.expand(n, -1), s.expand(n, -1), d, torch.zeros(n)))
+        return names[int(lg.squeeze(-1).argmax())]
+
+    def next_action(self, user: str, prev_agent: str) -> str:
+        if not self.actions:
+            return ""
+        import numpy as np
+
+        x = np.hstack([self.encoder.encode([user or " "]), self.encoder.encode([prev_agent or " "])])
+        return str(self.actions["clf"].predict(x)[0])
+
+    def process(self, history: list[tuple[str, str]], prev_state: dict[str, Any], prev_focus: dict[str, Any],
+                services: list[str] | None = None) -> AssistResult:
+        t0 = time.perf_counter()
+        if not history or history[-1][0] != "customer":
+            raise ValueError("history must end with the customer turn to process")
+        raw_user = history[-1][1][-TRACK_CHARS:]
+        user, flagged = strip_injection(raw_user)
+        system = next((t for r, t in reversed(history[:-1]) if r == "agent"), "")[-TRACK_CHARS:]
+        feats = encode_pairs(self.encoder, [user or " "], [system])[0]
+        svcs = [s for s in (services or []) if s in self.schemas]
+        if not svcs:
+            known = [s for s in prev_state if s in self.schemas]
+            detected = self.detect_service(torch.from_numpy(feats.u).float(), torch.from_numpy(feats.s).float())
+            svcs = sorted(set(known) | {detected})
+        state = self.tracker.step(prev_state, feats, user, system, svcs, self.bank) if user else dict(prev_state)
+        focus = FocusGraph.from_dict(prev_focus)
+        turn_no = sum(1 for r, _ in history if r == "customer")
+        focus.update(state, self.schemas, turn_no, user, active_services=svcs)
+        action = self.next_action(user, system)
+        sug = self.chain.invoke(ReplyInput(history=[*history[:-1], ("customer", user)], state=state, next_action=action))
+        return AssistResult(state=state, focus=focus.to_dict(), services=svcs, next_action=action, reply=sug.text,
+                            snippets=sug.snippets, ungrounded=sug.ungrounded, flagged_injection=flagged or sug.flagged_injection,
+                            model=sug.model, latency_ms=round((time.perf_counter() - t0) * 1000, 1))

@@ -1,0 +1,138 @@
+"""``verticals customer-service ...``: train, evaluate, benchmark the tracker, import transcripts.
+
+Evaluation prints exactly one JSON object as the last stdout line; progress goes to stderr.
+Heavy libraries are imported inside the commands so ``verticals --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Customer service: dialogue state tracking and agent assist.", no_args_is_help=True)
+
+DataRoot = Annotated[Path | None, typer.Option("--data-root", help="Folder laid out like shared/data/customer_service.")]
+
+
+def _root(data_root: Path | None) -> Path:
+    from core.errors import DataError
+    from core.settings import get_settings
+
+    root = data_root or get_settings().data_root / "customer_service"
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a folder")
+    return root
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Option(help="dst | intents | actions")],
+    dataset: Annotated[str, typer.Option(help="sgd | banking77 | clinc150 | star")],
+    data_root: DataRoot = None,
+    max_dialogues: Annotated[int, typer.Option(help="SGD/STAR train dialogues (seeded sample; 0 = default).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Tracker head epochs.")] = 3,
+    max_per_class: Annotated[int, typer.Option(help="Intents: cap training texts per intent (0 = all).")] = 0,
+) -> None:
+    """Train a model on the dataset's train split and store it under VERTICALS_HOME."""
+    from solutions.customer_service.pipeline import train as run
+
+    info = run(task, dataset, _root(data_root), max_dialogues=max_dialogues or None, epochs=epochs,
+               max_per_class=max_per_class or None)
+    typer.echo(json.dumps({"task": task, "dataset": dataset, **info}))
+
+
+@app.command()
+def evaluate(
+    task: Annotated[str, typer.Option(help="dst | intents | actions | discovery")],
+    dataset: Annotated[str, typer.Option(help="sgd | multiwoz21 | banking77 | clinc150 | dstc11 | star")],
+    data_root: DataRoot = None,
+    split: Annotated[str, typer.Option(help="dev | test")] = "dev",
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON line on stdout.")] = False,
+    limit: Annotated[int, typer.Option(help="Seeded sample: N dialogues (dst, actions) or N in-scope texts (intents); 0 = all.")] = 0,
+) -> None:
+    """Score a model on dev/test (trains it first when missing); last stdout line is JSON."""
+    from solutions.customer_service.pipeline import evaluate as run
+
+    res = run(task, dataset, _root(data_root), split=split, limit=limit or None)  # type: ignore[arg-type]
+    if not as_json:
+        for k, v in res.items():
+            if not isinstance(v, dict):
+                typer.echo(f"{k:>28}: {v}", err=True)
+    typer.echo(json.dumps(res))
+
+
+@app.command()
+def bench(
+    data_root: DataRoot = None,
+    dialogues: Annotated[int, typer.Option(help="SGD dev dialogues to replay.")] = 15,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Tracker speed on real SGD dev turns: per-turn latency (p50/p95, one turn at a time, encoder
+    included) and batched throughput (all turns encoded in batches), measured in one run."""
+    import random
+    import time
+
+    import numpy as np
+
+    from solutions.customer_service import data as D
+    from solutions.customer_service.dst import DialogueStateTracker, encode_pairs, iter_user_turns
+    from solutions.customer_service.encoder import MiniLMEncoder
+    from solutions.customer_service.pipeline import is_trained, model_folder
+    from solutions.customer_service.pipeline import train as run_train
+
+    root = _root(data_root)
+    enc = MiniLMEncoder(cache_dir=None)
+    if not is_trained("dst", "sgd"):
+        run_train("dst", "sgd", root)
+    tracker = DialogueStateTracker.load(model_folder("dst", "sgd"), enc)
+    dev = D.load_sgd(root, "dev")
+    sample = random.Random(7).sample(dev.dialogues, dialogues)
+    bank = tracker.bank(dev.schemas)
+    pairs = list(iter_user_turns(sample))
+    encode_pairs(enc, ["warm up"], [""])
+    lat = []
+    states: dict[int, dict] = {}
+    for di, ti, user, system in pairs:
+        t = time.perf_counter()
+        f = encode_pairs(enc, [user], [system])[0]
+        services = [fr["service"] for fr in sample[di]["turns"][ti]["frames"]]
+        states[di] = tracker.step(states.get(di, {}), f, user, system, services, bank)
+        lat.append((time.perf_counter() - t) * 1000)
+    t = time.perf_counter()
+    tracker.track_sgd(sample, dev.schemas, desc="batched")
+    batched = len(pairs) / (time.perf_counter() - t)
+    res = {"turns": len(pairs), "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+           "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
+           "turns_per_s_single": round(1000 * len(lat) / sum(lat), 1), "turns_per_s_batched": round(batched, 1),
+           "batched_over_single": round(batched / (1000 * len(lat) / sum(lat)), 2)}
+    if not as_json:
+        typer.echo(str(res), err=True)
+    typer.echo(json.dumps(res))
+
+
+@app.command("import-sgd")
+def import_sgd(
+    data_root: DataRoot = None,
+    split: Annotated[str, typer.Option()] = "dev",
+    dialogues: Annotated[int, typer.Option(help="How many dialogues to import.")] = 20,
+    track: Annotated[bool, typer.Option(help="Queue batch re-tracking on the customer_service queue.")] = True,
+) -> None:
+    """Import real SGD dialogues as conversations (transcripts) and queue their re-tracking."""
+    from solutions.customer_service import data as D
+    from solutions.customer_service.store import import_transcript
+
+    root = _root(data_root)
+    ds = D.load_sgd(root, split, limit=dialogues)  # type: ignore[arg-type]
+    ids = []
+    for d in ds.dialogues:
+        turns = [("customer" if t["speaker"] == "USER" else "agent", t["utterance"]) for t in d["turns"]]
+        ids.append(import_transcript(f"sgd-{split}-{d['dialogue_id']}", turns, services=d["services"]))
+    if track:
+        from core.queue import app as celery
+
+        res = celery.send_task("customer_service.retrack", kwargs={"conversation_ids": ids})
+        typer.echo(f"queued re-tracking of {len(ids)} conversations: {res.id}", err=True)
+    typer.echo(json.dumps({"imported": len(ids), "conversation_ids": ids}))

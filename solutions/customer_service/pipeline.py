@@ -1,0 +1,249 @@
+"""Train and evaluate every customer-service model: the one place the CLI and the Celery tasks call.
+
+Where models live (under ``VERTICALS_HOME/models/customer_service/``):
+  ``dst-sgd/``            tracker heads (safetensors) + config
+  ``intents-<dataset>/``  intent classifier (banking77, clinc150)
+  ``actions-star/``       next-action models (in-domain classifier, zero-shot scorer, baselines)
+Evaluation trains first when the model is missing. Never trains on the split it evaluates.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from core.errors import DataError
+from core.settings import get_settings
+from solutions.customer_service import data as D
+from solutions.customer_service.encoder import MiniLMEncoder, default_encoder
+
+Task = Literal["dst", "intents", "actions", "discovery"]
+# SGD train dialogues used for the tracker heads (seeded sample): bounded by the 2 shared CPU cores.
+DST_TRAIN_DIALOGUES = 800
+# STAR train dialogues for the next-action models (seeded sample), for the same reason.
+STAR_TRAIN_DIALOGUES = 1200
+TASK_DATASETS: dict[str, tuple[str, ...]] = {
+    "dst": ("sgd",), "intents": ("banking77", "clinc150"), "actions": ("star",), "discovery": ("dstc11",),
+}
+EVAL_DATASETS: dict[str, tuple[str, ...]] = {
+    "dst": ("sgd", "multiwoz21"), "intents": ("banking77", "clinc150"), "actions": ("star",), "discovery": ("dstc11",),
+}
+
+
+def model_folder(task: str, dataset: str) -> Path:
+    return get_settings().models_dir / "customer_service" / f"{task}-{dataset}"
+
+
+def is_trained(task: str, dataset: str) -> bool:
+    marker = {"dst": "heads.safetensors", "intents": "classifier.pkl", "actions": "actions.pkl"}[task]
+    return (model_folder(task, dataset) / marker).exists()
+
+
+def _check(task: str, dataset: str, table: dict[str, tuple[str, ...]]) -> None:
+    if task not in table:
+        raise DataError(f"unknown task {task!r}; choose from {', '.join(table)}")
+    if dataset not in table[task]:
+        raise DataError(f"task {task} takes --dataset {' or '.join(table[task])}, not {dataset!r}")
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(task: str, dataset: str, data_root: Path, encoder: MiniLMEncoder | None = None, reporter: Any = None,
+          max_dialogues: int | None = DST_TRAIN_DIALOGUES, epochs: int = 3,
+          max_per_class: int | None = None) -> dict[str, Any]:
+    """Train one model; ``max_dialogues`` bounds SGD/STAR, ``max_per_class`` intent examples per intent
+    (seeded samples: the CPU budget, documented in the README)."""
+    _check(task, dataset, TASK_DATASETS)
+    enc = encoder or default_encoder()
+    folder = model_folder(task, dataset)
+    t0 = time.perf_counter()
+    if task == "dst":
+        from solutions.customer_service.dst import TrackerConfig
+        from solutions.customer_service.dst_train import train_tracker
+
+        split = D.load_sgd(data_root, "train")
+        dialogues, n = split.dialogues, max_dialogues or DST_TRAIN_DIALOGUES
+        if n < len(dialogues):
+            dialogues = random.Random(13).sample(dialogues, n)
+        tracker = train_tracker(dialogues, split.schemas, enc, TrackerConfig(epochs=epochs), reporter=reporter)
+        tracker.save(folder)
+        info: dict[str, Any] = {"dialogues": len(dialogues)}
+    elif task == "intents":
+        from solutions.customer_service.intents import IntentClassifier
+
+        tr = D.load_intents(dataset, data_root, "train")
+        if max_per_class:
+            tr = _cap_per_class(tr, max_per_class)
+        oos = []
+        if dataset == "clinc150":
+            raw = D._read_json(Path(data_root) / "clinc150" / "data.json")
+            oos = [t for t, _ in raw.get("oos_train", [])]
+        clf = IntentClassifier(enc).fit(tr.texts, tr.labels, oos_texts=oos)
+        clf.save(folder)
+        info = {"examples": len(tr.texts), "classes": len(clf.classes), "threshold": round(clf.threshold, 3)}
+    elif task == "actions":
+        info = _train_actions(data_root, enc, folder, max_dialogues or STAR_TRAIN_DIALOGUES)
+    else:
+        raise DataError("discovery is unsupervised: run `evaluate --task discovery` directly")
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    info["model_dir"] = str(folder)
+    return info
+
+
+def _cap_per_class(d: D.IntentData, n: int) -> D.IntentData:
+    rng = random.Random(13)
+    by: dict[str, list[int]] = {}
+    for i, lab in enumerate(d.labels):
+        by.setdefault(lab, []).append(i)
+    keep = sorted(i for idx in by.values() for i in (rng.sample(idx, n) if len(idx) > n else idx))
+    return D.IntentData([d.texts[i] for i in keep], [d.labels[i] for i in keep], d.label_names)
+
+
+def _train_actions(root: Path, enc: MiniLMEncoder, folder: Path, max_dialogues: int) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+
+    from solutions.customer_service import actions as A
+
+    dialogues = D.load_star(root, "train")
+    if len(dialogues) > max_dialogues:
+        dialogues = random.Random(13).sample(dialogues, max_dialogues)
+    train_ex = A.star_examples(dialogues)
+    if not train_ex:
+        raise DataError("STAR train split holds no wizard action labels")
+    templates = D.star_responses(root)
+    x = A.features(train_ex, enc)
+    y = [e.label for e in train_ex]
+    clf = LogisticRegression(C=5.0, max_iter=400).fit(x, y)
+    labels = sorted(set(y) | set(templates))
+    vecs = dict(zip(labels, enc.encode([A.action_text(a, templates) for a in labels]), strict=True))
+    seen = [i for i, e in enumerate(train_ex) if A.HELD_OUT_DOMAIN not in e.domains]
+    scorer = A.train_scorer(x[seen], [y[i] for i in seen], vecs)
+    majority = max(set(y), key=y.count)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "actions.pkl").open("wb") as f:
+        pickle.dump({"clf": clf, "scorer": scorer.state_dict(), "vecs": vecs, "train_x": x.astype(np.float16),
+                     "train_y": y, "majority": majority, "seen_idx": seen, "templates": templates}, f)
+    return {"examples": len(y), "actions": len(set(y)), "zero_shot_train_examples": len(seen)}
+
+
+def load_actions(enc: MiniLMEncoder | None = None) -> dict[str, Any]:
+    from core.errors import ModelNotReady
+
+    p = model_folder("actions", "star") / "actions.pkl"
+    if not p.exists():
+        raise ModelNotReady("no next-action model; run `verticals customer-service train --task actions --dataset star`")
+    with p.open("rb") as f:
+        return pickle.load(f)  # noqa: S301 - our own model file under VERTICALS_HOME
+
+
+# --------------------------------------------------------------------------------------- evaluate
+def evaluate(task: str, dataset: str, data_root: Path, split: D.Split = "dev",
+             encoder: MiniLMEncoder | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Metrics dict (the CLI prints it as the last JSON line). Trains first when no model is stored."""
+    _check(task, dataset, EVAL_DATASETS)
+    if split not in ("dev", "test"):
+        raise DataError("--split must be dev or test (never evaluate on the training split)")
+    enc = encoder or default_encoder()
+    t0 = time.perf_counter()
+    if task == "dst":
+        out = _eval_dst(dataset, data_root, split, enc, limit)
+    elif task == "intents":
+        out = _eval_intents(dataset, data_root, split, enc, limit)
+    elif task == "actions":
+        out = _eval_actions(data_root, split, enc, limit)
+    else:
+        from solutions.customer_service.discovery import discover, discovery_metrics
+
+        ds = D.load_dstc11(data_root, split)
+        out = {}
+        groups = sorted({lab.split(":")[0] for lab in ds.labels})
+        per = {}
+        for g in groups:
+            idx = [i for i, lab in enumerate(ds.labels) if lab.startswith(g + ":")]
+            res = discover([ds.texts[i] for i in idx], enc)
+            per[g] = {**discovery_metrics([ds.labels[i] for i in idx], res.assignments.tolist()),
+                      "k": res.k, "gold_intents": len({ds.labels[i] for i in idx}), "n": len(idx),
+                      "cluster_labels": res.labels[:10]}
+        out = {"acc": round(float(np.mean([p["acc"] for p in per.values()])), 4),
+               "nmi": round(float(np.mean([p["nmi"] for p in per.values()])), 4), "per_set": per}
+    return {"task": task, "dataset": dataset, "split": split, **out,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _eval_dst(dataset: str, root: Path, split: D.Split, enc: MiniLMEncoder, limit: int | None) -> dict[str, Any]:
+    from solutions.customer_service.dst import DialogueStateTracker
+    from solutions.customer_service.sgd_eval import evaluate_dialogues
+
+    if not is_trained("dst", "sgd"):
+        train("dst", "sgd", root, enc)
+    tracker = DialogueStateTracker.load(model_folder("dst", "sgd"), enc)
+    data = D.load_sgd(root, split) if dataset == "sgd" else D.load_multiwoz(root, split)
+    dialogues = data.dialogues
+    if limit:
+        dialogues = random.Random(13).sample(dialogues, min(limit, len(dialogues)))
+    t = time.perf_counter()
+    hyp = tracker.track_sgd(dialogues, data.schemas, desc=f"tracking {dataset} {split}")
+    secs = time.perf_counter() - t
+    seen = D.sgd_train_services(root)
+    m = evaluate_dialogues(dialogues, hyp, data.schemas, seen, with_intents=dataset == "sgd")
+    turns = sum(1 for d in dialogues for t_ in d["turns"] if t_["speaker"] == "USER")
+    return {**m, "dialogues": len(dialogues), "user_turns": turns, "turns_per_s_batched": round(turns / secs, 1),
+            "train_dialogues": tracker.cfg.train_dialogues}
+
+
+def _eval_intents(dataset: str, root: Path, split: D.Split, enc: MiniLMEncoder, limit: int | None) -> dict[str, Any]:
+    from solutions.customer_service.intents import IntentClassifier, intent_metrics
+
+    if not is_trained("intents", dataset):
+        train("intents", dataset, root, enc)
+    clf = IntentClassifier.load(model_folder("intents", dataset), enc)
+    ev = D.load_intents(dataset, root, split)
+    if limit:  # seeded sample of the in-scope texts; every out-of-scope text is kept
+        ins = [i for i, lab in enumerate(ev.labels) if lab != D.OOS]
+        keep = set(random.Random(13).sample(ins, min(limit, len(ins)))) | {
+            i for i, lab in enumerate(ev.labels) if lab == D.OOS}
+        ev = D.IntentData([ev.texts[i] for i in sorted(keep)], [ev.labels[i] for i in sorted(keep)], ev.label_names)
+    m = intent_metrics(ev.labels, clf.predict(ev.texts))
+    return {**m, "threshold": round(clf.threshold, 3)}
+
+
+def _eval_actions(root: Path, split: D.Split, enc: MiniLMEncoder, limit: int | None) -> dict[str, Any]:
+    import torch
+
+    from solutions.customer_service import actions as A
+
+    if not is_trained("actions", "star"):
+        train("actions", "star", root, enc)
+    m = load_actions(enc)
+    dialogues = D.load_star(root, split)
+    if limit and limit < len(dialogues):
+        dialogues = random.Random(13).sample(dialogues, limit)
+    ex = A.star_examples(dialogues)
+    if not ex:
+        raise DataError(f"STAR {split} split holds no wizard action labels")
+    x = A.features(ex, enc)
+    gold = [e.label for e in ex]
+    tx, ty = m["train_x"].astype(np.float32), m["train_y"]
+    out: dict[str, Any] = A.action_metrics(gold, list(m["clf"].predict(x)))
+    out["baselines"] = {"majority": A.action_metrics(gold, [m["majority"]] * len(gold)),
+                        "retrieval": A.action_metrics(gold, A.retrieval_predict(tx, ty, x))}
+    zs = [i for i, e in enumerate(ex) if A.HELD_OUT_DOMAIN in e.domains]
+    if zs:
+        scorer = A.ActionScorer()
+        scorer.load_state_dict(m["scorer"])
+        seen_y = [ty[i] for i in m["seen_idx"]]
+        cands = sorted(m["vecs"])
+        zx, zg = x[zs], [gold[i] for i in zs]
+        seen_x = tx[m["seen_idx"]]
+        with torch.inference_mode():
+            out["zero_shot"] = {
+                "domain": A.HELD_OUT_DOMAIN,
+                **A.action_metrics(zg, A.scorer_predict(scorer.eval(), zx, cands, m["vecs"])),
+                "baselines": {"majority": A.action_metrics(zg, [max(set(seen_y), key=seen_y.count)] * len(zg)),
+                              "retrieval": A.action_metrics(zg, A.retrieval_predict(seen_x, seen_y, zx))},
+            }
+    return out

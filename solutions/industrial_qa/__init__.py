@@ -1,0 +1,1 @@
+"""Industrial QA: defect detection and line inspection (issue 6)."""

@@ -1,0 +1,364 @@
+"""The anomaly detector: self-supervised features + a coreset memory bank of normal patches.
+
+Pipeline (one visible chain, see :meth:`AnomalyDetector.fit`)::
+
+    train/good images --split--> fit set (SSL + memory bank) | held-out normals (calibration)
+    fit set -> train_feature_net (synthetic-defect segmentation pretext, features.py)
+            -> patch features (N*h*w, D) -> random subsample -> greedy k-center coreset (M, D)
+    held-out normals -> maps -> per-map normalisation stats -> image scores -> Calibrator
+
+Scoring an image ``(3, S, S)``: kNN distance of each patch feature to the memory bank ``(h, w)``
+and the pretext head's defect logit ``(h, w)`` are each standardised by their held-out-normal
+statistics (per map position by default: borders and fixed structures of the product that are
+unusual but normal stop dominating the maxima), fused, shifted by the part's median level, upsampled to ``(S, S)``, Gaussian-smoothed; the image score is the map's maximum.
+The heatmap returned to users is resized to the input image's own resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.errors import DataError, ModelNotReady
+from solutions.industrial_qa.calibration import Calibrator
+from solutions.industrial_qa.data import load_array, load_batch
+from solutions.industrial_qa.features import FeatureConfig, FeatureNet, train_feature_net
+
+Fusion = Literal["knn", "seg", "sum"]
+Norm = Literal["global", "position"]
+Background = Literal["none", "median"]
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DetectorConfig:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    coreset_size: int = 2048
+    patch_sample: int = 120_000
+    holdout_fraction: float = 0.15
+    min_holdout: int = 8
+    target_far: float = 0.01
+    fusion: Fusion = "sum"
+    norm: Norm = "position"   # standardise maps per map position (or with one global mean/std)
+    background: Background = "median"  # subtract each part's median map level before scoring
+    blur_sigma: float = 4.0
+    batch_size: int = 32
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["features"] = self.features.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DetectorConfig:
+        d = dict(d)
+        feats = FeatureConfig.from_dict(d.pop("features", {}))
+        return cls(features=feats, **{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class MapOutput:
+    """Per-batch outputs at model resolution: fused ``maps (B, S, S)``, ``scores (B,)`` and the raw
+    stride-8 pieces the few-shot head reuses: ``feats (B, D, h, w)``, ``knn``/``seg`` ``(B, h, w)``."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+    feats: torch.Tensor
+    knn: torch.Tensor
+    seg: torch.Tensor
+
+
+@dataclass
+class InspectionResult:
+    """What the line gets per part: heatmap at input resolution (H, W) in [0, 1] probability-like
+    units, score, calibrated probability, decision, latency."""
+
+    heatmap: np.ndarray
+    score: float
+    probability: float
+    reject: bool
+    latency_ms: float
+    defect_type: str | None = None
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, 1, H, W)`` (reflect padding keeps borders unbiased)."""
+    if sigma <= 0:
+        return x
+    r = int(round(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.pad(x, (r, r, 0, 0), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode="reflect")
+    return F.conv2d(x, k.view(1, 1, -1, 1))
+
+
+def greedy_coreset(x: torch.Tensor, m: int, seed: int = 0, proj_dim: int = 64) -> torch.Tensor:
+    """Indices of ``m`` rows of ``x (N, D)`` chosen by greedy k-center (PatchCore), computed in a
+    random ``proj_dim`` projection (Johnson-Lindenstrauss) to keep it fast."""
+    n = x.shape[0]
+    if m >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    if x.shape[1] > proj_dim:
+        proj = torch.randn(x.shape[1], proj_dim, generator=g) / proj_dim ** 0.5
+        z = x @ proj
+    else:
+        z = x
+    z = z.contiguous()
+    idx = [int(torch.randint(n, (1,), generator=g))]
+    dmin = ((z - z[idx[-1]]) ** 2).sum(1)                                   # (N,) squared distances
+    for _ in range(m - 1):
+        nxt = int(torch.argmax(dmin))
+        idx.append(nxt)
+        torch.minimum(dmin, ((z - z[nxt]) ** 2).sum(1), out=dmin)
+    return torch.tensor(idx)
+
+
+class AnomalyDetector:
+    """Fit on normal parts, then score parts: heatmap, score, probability, decision."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.net: FeatureNet | None = None
+        self.memory: torch.Tensor | None = None        # (M, D) normal patch features
+        self.memory_sq: torch.Tensor | None = None     # (M,) squared norms (fast distances)
+        self.stats: dict[str, float] = {}              # mean/std of knn and seg maps on normals
+        self.pos_stats: torch.Tensor | None = None      # (4, h, w) per-position knn/seg mean, std
+        self.calibrator: Calibrator | None = None
+        self.fewshot = None                             # solutions.industrial_qa.fewshot.FewShotHead
+        self.info: dict = {}
+
+    # --- fitting ---------------------------------------------------------------------------------
+    def fit(self, paths: Sequence[Path], on_progress: Callable[[str, float], None] | None = None
+            ) -> AnomalyDetector:
+        """Fit on normal image files. ``on_progress(stage, fraction)`` reports progress."""
+        cfg = self.config
+        if len(paths) < 2 * cfg.min_holdout:
+            raise DataError(f"need at least {2 * cfg.min_holdout} normal training images, got {len(paths)}")
+        t0 = time.perf_counter()
+        report = on_progress or (lambda stage, frac: None)
+        rng = np.random.default_rng(cfg.features.seed)
+        order = rng.permutation(len(paths))
+        n_hold = max(cfg.min_holdout, int(round(cfg.holdout_fraction * len(paths))))
+        hold = [paths[i] for i in sorted(order[:n_hold])]
+        fit = [paths[i] for i in sorted(order[n_hold:])]
+        size = cfg.features.image_size
+        report("loading images", 0.0)
+        images = load_batch(fit, size)
+        report("self-supervised training", 0.0)
+        self.net = train_feature_net(images, cfg.features,
+                                     on_step=lambda i, loss: report("self-supervised training",
+                                                                    (i + 1) / cfg.features.steps))
+        report("memory bank", 0.0)
+        feats = []
+        with torch.inference_mode():
+            for i in range(0, len(images), cfg.batch_size):
+                f, _ = self.net(torch.from_numpy(images[i:i + cfg.batch_size]))
+                feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+                report("memory bank", min(1.0, (i + cfg.batch_size) / len(images)) * 0.5)
+        allf = torch.cat(feats)
+        g = torch.Generator().manual_seed(cfg.features.seed)
+        if allf.shape[0] > cfg.patch_sample:
+            allf = allf[torch.randperm(allf.shape[0], generator=g)[: cfg.patch_sample]]
+        self.memory = allf[greedy_coreset(allf, cfg.coreset_size, cfg.features.seed)].contiguous()
+        self.memory_sq = (self.memory ** 2).sum(1)
+        report("calibration", 0.0)
+        hold_x = load_batch(hold, size)
+        hold_scores = self._fit_normalisation(hold_x)
+        self.calibrator = Calibrator.fit(hold_scores, target_far=cfg.target_far)
+        self.info = {"n_train": len(fit), "n_holdout": len(hold), "train_seconds": time.perf_counter() - t0,
+                     "holdout_scores": [float(v) for v in hold_scores],
+                     "holdout_paths": [str(p) for p in hold]}
+        report("done", 1.0)
+        return self
+
+    @torch.inference_mode()
+    def _fit_normalisation(self, hold_x: np.ndarray) -> np.ndarray:
+        """Map statistics from held-out normals ``(n, 3, S, S)``; returns their image scores ``(n,)``.
+
+        Per-position statistics are fitted on the same images the calibrator then uses, so each
+        held-out image is scored with leave-one-out statistics (closed form): otherwise its own map
+        would be in its normaliser and the threshold would come out too low.
+        """
+        knn, seg = [], []
+        for i in range(0, len(hold_x), self.config.batch_size):
+            _, k, s = self._raw(torch.from_numpy(hold_x[i:i + self.config.batch_size]))
+            knn.append(k)
+            seg.append(s)
+        k_all, s_all = torch.cat(knn), torch.cat(seg)                   # (n, h, w) each
+        self.stats = {"knn_mean": float(k_all.mean()), "knn_std": float(k_all.std()) + 1e-6,
+                      "seg_mean": float(s_all.mean()), "seg_std": float(s_all.std()) + 1e-6}
+        n = k_all.shape[0]
+        self.pos_stats = None
+        if self.config.norm == "global" or n < 3:
+            return self.score_arrays(hold_x).scores
+        parts, loo = [], []
+        for m in (k_all, s_all):
+            floor = 0.25 * float(m.std(0).mean()) + 1e-6    # keeps near-constant positions finite
+            tot, tot2 = m.sum(0), (m ** 2).sum(0)
+            mu_loo = (tot[None] - m) / (n - 1)                              # (n, h, w)
+            var_loo = ((tot2[None] - m ** 2) - (n - 1) * mu_loo ** 2) / (n - 2)
+            loo.append((m - mu_loo) / var_loo.clamp_min(0).sqrt().clamp_min(floor))
+            parts += [tot / n, m.std(0).clamp_min(floor)]
+        self.pos_stats = torch.stack(parts)                                 # (4, h, w)
+        small = self._combine(loo[0], loo[1])
+        return self.upsample(small, hold_x.shape[-1]).flatten(1).max(1).values.numpy()
+
+    def recalibrate(self) -> None:
+        """Refit normalisation and calibrator on the held-out normals after an inference setting changed."""
+        hold = [Path(p) for p in self.info.get("holdout_paths", [])]
+        if not hold:
+            raise ModelNotReady("this model has no held-out normals recorded; retrain it")
+        scores = self._fit_normalisation(load_batch(hold, self.config.features.image_size))
+        self.calibrator = Calibrator.fit(scores, target_far=self.config.target_far)
+        self.info["holdout_scores"] = [float(v) for v in scores]
+
+    # --- scoring ---------------------------------------------------------------------------------
+    def _require(self) -> FeatureNet:
+        if self.net is None or self.memory is None:
+            raise ModelNotReady("the detector has not been trained; run `verticals industrial-qa train`")
+        return self.net
+
+    def _raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, 3, S, S)`` -> (feats (B, D, h, w), knn distance (B, h, w), seg logit (B, h, w))."""
+        net = self._require()
+        feats, logits = net(x)
+        b, d, h, w = feats.shape
+        q = feats.permute(0, 2, 3, 1).reshape(-1, d)                        # (B*h*w, D)
+        # ||q - m||^2 = |q|^2 - 2 q.m + |m|^2, min over the bank, one matmul.
+        d2 = (q ** 2).sum(1, keepdim=True) - 2 * q @ self.memory.T + self.memory_sq[None]
+        knn = d2.min(dim=1).values.clamp_min(0).sqrt().view(b, h, w)
+        return feats, knn, logits[:, 0]
+
+    def standardise(self, knn: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z-scores of the stride-8 maps ``(B, h, w)`` against held-out normals (per position when fitted)."""
+        ps = self.pos_stats
+        if ps is not None and ps.shape[-2:] == knn.shape[-2:]:
+            return (knn - ps[0]) / ps[1], (seg - ps[2]) / ps[3]
+        st = self.stats
+        return (knn - st["knn_mean"]) / st["knn_std"], (seg - st["seg_mean"]) / st["seg_std"]
+
+    def fuse(self, knn: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """Standardise and combine the stride-8 maps ``(B, h, w)`` per the configured fusion."""
+        return self._combine(*self.standardise(knn, seg))
+
+    def _combine(self, kz: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        z = kz if self.config.fusion == "knn" else sz if self.config.fusion == "seg" else kz + sz
+        if self.config.background == "median":
+            # a part-wide offset (lighting, texture density) is normal variation, not a defect; the
+            # median only moves when more than half of the part is elevated
+            z = z - z.flatten(1).median(1).values[:, None, None]
+        return z
+
+    def upsample(self, small: torch.Tensor, size: int) -> torch.Tensor:
+        """Stride-8 map ``(B, h, w)`` -> smoothed ``(B, S, S)``."""
+        up = F.interpolate(small[:, None], size=(size, size), mode="bilinear", align_corners=False)
+        return gaussian_blur(up, self.config.blur_sigma)[:, 0]
+
+    @torch.inference_mode()
+    def score_arrays(self, x: np.ndarray) -> MapOutput:
+        """Score a batch ``(B, 3, S, S)`` float32 in [0, 1] at model resolution."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise DataError(f"expected images (B, 3, S, S), got shape {tuple(x.shape)}")
+        outs = []
+        for i in range(0, len(x), self.config.batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + self.config.batch_size]))
+            feats, knn, seg = self._raw(xb)
+            if self.fewshot is not None:
+                small = self.fewshot.patch_map(self, feats, knn, seg)
+            else:
+                small = self.fuse(knn, seg)
+            maps = self.upsample(small, x.shape[-1])
+            scores = maps.flatten(1).max(1).values
+            if self.fewshot is not None:
+                scores = self.fewshot.image_score(self, feats, knn, seg, maps)
+            outs.append((maps, scores, feats, knn, seg))
+        cat = [torch.cat([o[j] for o in outs]) for j in range(5)]
+        return MapOutput(cat[0].numpy(), cat[1].numpy(), cat[2], cat[3], cat[4])
+
+    def inspect_images(self, sources: Sequence[Path | bytes], threshold: float | None = None
+                       ) -> list[InspectionResult]:
+        """Full per-part output for image files (or bytes); heatmaps at each input's resolution.
+
+        ``threshold`` overrides the calibrated line threshold for the accept/reject decision only.
+        """
+        if self.calibrator is None:
+            raise ModelNotReady("the detector has no calibration; retrain it")
+        size = self.config.features.image_size
+        t0 = time.perf_counter()
+        loaded = [load_array(s, size) for s in sources]
+        arr = np.stack([a for a, _ in loaded])
+        out = self.score_arrays(arr)
+        probs = self.calibrator.probability(out.scores)
+        per = (time.perf_counter() - t0) * 1000 / max(len(sources), 1)
+        types = self.fewshot.defect_types(out.feats, out.maps) if self.fewshot is not None else None
+        results = []
+        for i, (_, (h, w)) in enumerate(loaded):
+            # heatmap in probability units so 0.5 sits at the decision threshold
+            m = torch.from_numpy(self.calibrator.probability(out.maps[i]).astype(np.float32))
+            heat = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            reject = bool(out.scores[i] > threshold) if threshold is not None else bool(
+                self.calibrator.decide(out.scores[i]))
+            results.append(InspectionResult(heat.numpy(), float(out.scores[i]), float(probs[i]), reject, per,
+                                            types[i] if (types is not None and reject) else None))
+        return results
+
+    # --- persistence -----------------------------------------------------------------------------
+    def save(self, folder: Path) -> Path:
+        """Write ``weights.safetensors`` + ``detector.json`` into ``folder`` (created)."""
+        from safetensors.torch import save_file
+
+        net = self._require()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
+        tensors["memory"] = self.memory.contiguous()
+        if self.pos_stats is not None:
+            tensors["pos_stats"] = self.pos_stats.contiguous()
+        meta = {"format": FORMAT_VERSION, "config": self.config.to_dict(), "stats": self.stats,
+                "calibrator": self.calibrator.to_dict() if self.calibrator else None, "info": self.info}
+        if self.fewshot is not None:
+            tensors.update(self.fewshot.tensors())
+            meta["fewshot"] = self.fewshot.meta()
+        save_file(tensors, str(folder / "weights.safetensors"))
+        (folder / "detector.json").write_text(json.dumps(meta, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> AnomalyDetector:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "detector.json").is_file() or not (folder / "weights.safetensors").is_file():
+            raise ModelNotReady(f"no trained detector in {folder}")
+        meta = json.loads((folder / "detector.json").read_text())
+        cfg = dict(meta["config"])
+        cfg.setdefault("norm", "global")  # models saved before per-position statistics existed
+        cfg.setdefault("background", "none")
+        det = cls(DetectorConfig.from_dict(cfg))
+        tensors = load_file(str(folder / "weights.safetensors"))
+        det.net = FeatureNet(det.config.features)
+        det.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        det.net.eval()
+        det.memory = tensors["memory"]
+        det.memory_sq = (det.memory ** 2).sum(1)
+        det.stats = meta["stats"]
+        det.pos_stats = tensors.get("pos_stats")
+        det.calibrator = Calibrator.from_dict(meta["calibrator"]) if meta.get("calibrator") else None
+        det.info = meta.get("info", {})
+        if meta.get("fewshot"):
+            from solutions.industrial_qa.fewshot import FewShotHead
+
+            det.fewshot = FewShotHead.from_saved(meta["fewshot"], tensors)
+        return det

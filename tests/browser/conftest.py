@@ -1,0 +1,1 @@
+"""Browser fixtures live in tests/conftest.py so every solution's tests can use them."""

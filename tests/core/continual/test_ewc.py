@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from core.continual.ewc import EWC
+from core.errors import ConfigError, DataError
+from core.train.trainer import Trainer
+from tests.core.continual.loop import HookLoop
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def task_data(seed: int, n: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    w = torch.randn(6, 3, generator=g)
+    y = (x @ w).argmax(-1)
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def test_zero_penalty_before_first_consolidation(net: Net) -> None:
+    ewc = EWC(10.0)
+    assert float(ewc.penalty(net)) == 0.0
+    loss = torch.tensor(1.5)
+    assert ewc.before_backward(type("T", (), {"model": net})(), loss) is loss
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_penalty_positive_after_consolidation_and_zero_at_anchor(net: Net, mode: str) -> None:
+    ewc = EWC(10.0, mode=mode)  # type: ignore[arg-type]
+    ewc.consolidate(net, loss_fn, task_data(1), "a")
+    assert float(ewc.penalty(net)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    pen = ewc.penalty(net)
+    assert float(pen) > 0.0
+    pen.backward()  # differentiable: gradients pull back towards the anchor (grad has the sign of theta - a)
+    assert all(p.grad is not None and bool((p.grad >= 0).all()) for p in net.parameters())
+
+
+@pytest.mark.parametrize("kind", ["empirical", "empirical_per_sample", "true"])
+def test_fisher_non_negative_and_informative(net: Net, kind: str) -> None:
+    fisher = EWC(1.0, fisher=kind).estimate_fisher(net, loss_fn, task_data(2))  # type: ignore[arg-type]
+    assert set(fisher) == {n for n, _ in net.named_parameters()}
+    for name, f in fisher.items():
+        assert f.shape == dict(net.named_parameters())[name].shape
+        assert bool((f >= 0).all())
+    assert sum(float(f.sum()) for f in fisher.values()) > 0
+
+
+def test_per_sample_fisher_is_mean_of_squared_sample_gradients(net: Net) -> None:
+    batches = task_data(3, n=32)
+    fisher = EWC(1.0, fisher="empirical_per_sample").estimate_fisher(net, loss_fn, batches)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    expected = torch.zeros_like(net.head.weight)
+    for i in range(len(y)):
+        net.zero_grad()
+        loss_fn(net, (x[i : i + 1], y[i : i + 1])).backward()
+        expected += net.head.weight.grad.square()
+    torch.testing.assert_close(fisher["head.weight"], expected / len(y))
+
+
+def test_grad_mode_adds_exactly_the_penalty_gradient(net: Net) -> None:
+    batch = task_data(14)[0]
+    grads = {}
+    for apply in ("loss", "grad"):
+        ewc = EWC(50.0, apply=apply)  # type: ignore[arg-type]
+        model = copy.deepcopy(net)
+        ewc.consolidate(model, loss_fn, task_data(15), "a")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2)
+        trainer = type("T", (), {"model": model})()
+        loss = ewc.before_backward(trainer, loss_fn(model, batch))
+        loss.backward()
+        ewc.after_backward(trainer)
+        grads[apply] = [p.grad.clone() for p in model.parameters()]
+    for g_loss, g_grad in zip(grads["loss"], grads["grad"], strict=True):
+        torch.testing.assert_close(g_grad, g_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_online_decay_arithmetic(net: Net) -> None:
+    data_a, data_b = task_data(4), task_data(5)
+    f_a = EWC(1.0).estimate_fisher(net, loss_fn, data_a)
+    ewc = EWC(3.0, mode="online", decay=0.25)
+    ewc.consolidate(net, loss_fn, data_a, "a")
+    with torch.no_grad():
+        net.head.weight.add_(0.3)
+    f_b = EWC(1.0).estimate_fisher(net, loss_fn, data_b)
+    ewc.consolidate(net, loss_fn, data_b, "b")
+    assert list(ewc.fishers) == ["online"] and ewc.tasks == ["a", "b"]
+    for name in f_a:
+        torch.testing.assert_close(ewc.fishers["online"][name], 0.25 * f_a[name] + f_b[name])
+        torch.testing.assert_close(ewc.anchors["online"][name], dict(net.named_parameters())[name].detach())
+    # penalty = lam/2 * sum F (theta - anchor)^2 with the single (latest) anchor
+    with torch.no_grad():
+        net.body[0].bias.add_(0.5)
+    f = ewc.fishers["online"]["body.0.bias"]
+    assert float(ewc.penalty(net)) == pytest.approx(0.5 * 3.0 * float((f * 0.25).sum()), rel=1e-5)
+
+
+def test_separate_mode_is_sum_of_per_task_penalties(net: Net) -> None:
+    ewc = EWC(7.0, mode="separate")
+    for i, seed in enumerate((6, 7, 8)):
+        ewc.consolidate(net, loss_fn, task_data(seed), f"t{i}")
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+    explicit = sum(
+        0.5 * 7.0 * sum(float((ewc.fishers[t][n] * (p.detach() - ewc.anchors[t][n]).square()).sum())
+                        for n, p in net.named_parameters())
+        for t in ewc.fishers
+    )
+    assert len(ewc.fishers) == 3
+    assert float(ewc.penalty(net)) == pytest.approx(explicit, rel=1e-4)
+
+
+def test_param_filter_covers_only_matching_parameters(net: Net) -> None:
+    ewc = EWC(1.0, params=["body.*"])
+    ewc.consolidate(net, loss_fn, task_data(9), "a")
+    assert set(ewc.fishers["a"]) == {"body.0.weight", "body.0.bias"}
+    with torch.no_grad():
+        net.head.weight.add_(1.0)  # not protected: no penalty
+    assert float(ewc.penalty(net)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ConfigError):
+        EWC(1.0, params=["nothing.*"]).consolidate(net, loss_fn, task_data(9), "a")
+
+
+def test_true_fisher_on_sequence_logits() -> None:
+    """An LM-like model: logits (B, T, V); labels are sampled per position."""
+    torch.manual_seed(0)
+    lm = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
+    batches = [torch.randint(0, 11, (4, 5)) for _ in range(2)]
+
+    def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        logits = model(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 11), ids[:, 1:].reshape(-1))
+
+    ewc = EWC(1.0, fisher="true", output_fn=lambda m, ids: m(ids[:, :-1]))
+    fisher = ewc.consolidate(lm, lm_loss, batches, "lm")
+    assert all(bool((f >= 0).all()) for f in fisher.values()) and float(fisher["1.weight"].sum()) > 0
+
+
+def test_resume_from_saved_state(net: Net, tmp_path) -> None:  # noqa: ANN001
+    ewc = EWC(5.0, mode="separate")
+    ewc.consolidate(net, loss_fn, task_data(10), "a")
+    ewc.consolidate(net, loss_fn, task_data(11), "b")
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05)
+    expected = float(ewc.penalty(moved))
+    # through the trainer checkpoint (Trainer.save stores each hook's state_dict)
+    Trainer(net, loss_fn, hooks=[ewc], progress=False, device="cpu").save(tmp_path / "ckpt.pt")
+    fresh = EWC(5.0, mode="separate")
+    Trainer(copy.deepcopy(net), loss_fn, hooks=[fresh], progress=False, device="cpu").load(tmp_path / "ckpt.pt")
+    assert fresh.tasks == ["a", "b"]
+    assert float(fresh.penalty(moved)) == pytest.approx(expected, rel=1e-6)
+    # and through the standalone safetensors file
+    ewc.save(tmp_path / "ewc.safetensors")
+    again = EWC(5.0)
+    again.load(tmp_path / "ewc.safetensors")
+    assert float(again.penalty(moved)) == pytest.approx(expected, rel=1e-6)
+    for t in ("a", "b"):
+        for n in ewc.fishers[t]:
+            assert torch.equal(again.fishers[t][n], ewc.fishers[t][n])
+
+
+def test_bad_saved_state_is_a_clear_error(net: Net, tmp_path) -> None:  # noqa: ANN001
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError):
+        EWC(1.0).load(bad)
+    with pytest.raises(DataError):
+        EWC(1.0).load_state_dict({"mode": "separate"})
+    with pytest.raises(ConfigError):
+        EWC(1.0, mode="online").load_state_dict({"mode": "separate", "fishers": {}, "anchors": {}, "tasks": []})
+    ewc = EWC(1.0)
+    ewc.consolidate(net, loss_fn, task_data(1), "a")
+    with pytest.raises(DataError):
+        ewc.penalty(nn.Linear(2, 2))
+    with pytest.raises(DataError):
+        EWC(1.0).consolidate(net, loss_fn, [], "empty")
+
+
+def test_ewc_hook_keeps_weights_near_old_task(net: Net) -> None:
+    """Through the hook protocol: with EWC, task B moves the weights that matter for A (Fisher-weighted
+    drift) much less than plain training does."""
+    a, b = task_data(12, n=128), task_data(13, n=128)
+
+    def drift(lam: float) -> float:
+        model = copy.deepcopy(net)
+        ewc = EWC(lam)
+        loop = HookLoop(model, loss_fn, lr=0.1, hooks=[ewc])
+        loop.fit(a, epochs=5, task_id="a")
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loop.fit(b, epochs=5, task_id="b")
+        assert ewc.tasks == ["a", "b"]
+        f_a = ewc.fishers["a"]  # identical in both runs: training on A is unpenalised and seeded
+        return sum(float((f_a[n] * (p.detach() - anchor[n]).square()).sum()) for n, p in model.named_parameters())
+
+    assert drift(30.0) < 0.5 * drift(0.0)

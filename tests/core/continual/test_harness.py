@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from core.continual import benchmarks, harness
+from core.errors import ConfigError, DataError
+
+
+def test_metrics_arithmetic() -> None:
+    r = [[0.9, 0.1, 0.2],
+         [0.7, 0.8, 0.3],
+         [0.6, 0.5, 0.9]]
+    m = harness.metrics(r, base=[0.1, 0.1, 0.1])
+    assert m["average_accuracy"] == pytest.approx((0.6 + 0.5 + 0.9) / 3)
+    assert m["forgetting_per_task"] == pytest.approx([0.9 - 0.6, 0.8 - 0.5])
+    assert m["forgetting"] == pytest.approx(0.3)
+    assert m["backward_transfer"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
+    assert m["forward_transfer"] == pytest.approx(((0.1 - 0.1) + (0.3 - 0.1)) / 2)
+
+
+def test_permuted_digits_tasks_are_fixed_permutations() -> None:
+    b = benchmarks.permuted_digits(n_tasks=3)
+    again = benchmarks.permuted_digits(n_tasks=3)
+    x0, x1 = b.tasks[0].train[0], b.tasks[1].train[0]
+    assert torch.equal(x1, again.tasks[1].train[0])  # seeded: identical across builds
+    assert torch.equal(b.tasks[0].train[1], b.tasks[1].train[1])  # same images and labels
+    assert not torch.equal(x0, x1) and torch.equal(x0.sort(dim=1).values, x1.sort(dim=1).values)
+    n_train, n_eval = len(b.tasks[0].train[1]), len(b.tasks[0].eval[1])
+    assert n_train + n_eval == 1797 and n_eval == pytest.approx(0.2 * 1797, abs=1)
+
+
+def test_short_run_fills_matrix_plots_and_json(tmp_path: Path) -> None:
+    b = benchmarks.permuted_digits(n_tasks=3)
+    b.epochs, b.batch_size, b.fisher_samples = 2, 128, 128
+    b.make_model = lambda: benchmarks.MLP(64, 64, 10)
+    res = harness.run(b, "ewc", out_dir=tmp_path, timing=False)
+    r = res["accuracy_matrix"]
+    assert len(r) == 3 and all(len(row) == 3 for row in r)
+    assert all(0.0 <= a <= 1.0 for row in r for a in row)
+    assert r[0][0] > 0.5  # the first task is learned (chance is 0.1)
+    assert {"average_accuracy", "forgetting", "backward_transfer", "forward_transfer", "joint_accuracy",
+            "naive_average_accuracy"} <= set(res)
+    assert res["joint_accuracy"] > 0.5
+    for p in res["plots"]:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(Path(res["json_path"]).read_text())["accuracy_matrix"] == r
+
+
+def test_lora_method_has_zero_forgetting() -> None:
+    b = benchmarks.permuted_digits(n_tasks=3)
+    b.epochs, b.batch_size, b.lora_rank = 2, 128, 8
+    b.make_model = lambda: benchmarks.MLP(64, 64, 10)
+    r, _ = harness.train_sequence(b, "lora")
+    assert r[1][0] == r[2][0] == r[0][0]  # task 0 runs on the frozen base: bit-identical predictions
+    assert r[2][1] == r[1][1]
+
+
+def test_unknown_method_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError):
+        harness.train_sequence(benchmarks.permuted_digits(n_tasks=2), "distill")
+
+
+def test_cli_continual_eval_prints_json_last(tmp_path: Path, tmp_home: Path) -> None:
+    from core.cli import app
+
+    res = CliRunner().invoke(app, ["core", "continual-eval", "--benchmark", "permuted-digits", "--method",
+                                   "online-ewc", "--tasks", "2", "--epochs", "1", "--json",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["benchmark"] == "permuted-digits" and out["method"] == "online-ewc"
+    assert len(out["accuracy_matrix"]) == 2
+    assert out["ewc_step_time_ratio"] > 0
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_cli_rejects_unknown_benchmark(tmp_home: Path) -> None:
+    from core.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["core", "continual-eval", "--benchmark", "mnist", "--json"])
+    assert e.value.code == 2
+
+
+def test_intents_readers_report_bad_files(tmp_path: Path) -> None:
+    root = tmp_path / "customer_service"
+    with pytest.raises(DataError, match="Banking77 not found"):
+        benchmarks.intents(data_root=tmp_path)
+    (root / "banking77").mkdir(parents=True)
+    (root / "banking77" / "train.csv").write_text("wrong,header\nx,y\n")
+    with pytest.raises(DataError, match="text,category"):
+        benchmarks._read_banking77(root)
+    (root / "dstc11" / "development").mkdir(parents=True)
+    (root / "dstc11" / "development" / "test-utterances.jsonl").write_text('{"utterance": "hi"}\n')
+    with pytest.raises(DataError, match="line 1"):
+        benchmarks._read_dstc11(root)
+
+
+def test_intents_readers_on_real_data(shared_data: Path) -> None:
+    root = shared_data / "customer_service"
+    texts, labels = benchmarks._read_dstc11(root)
+    assert len(texts) == len(labels) > 800 and len(set(labels)) == 22
+    keep = benchmarks._per_class(labels, 5, seed=0)
+    assert max(sum(1 for i in keep if labels[i] == c) for c in set(labels)) == 5
+
+
+@pytest.mark.slow
+def test_full_permuted_digits_ewc_beats_naive(tmp_path: Path) -> None:
+    res = harness.run(benchmarks.permuted_digits(), "ewc", out_dir=tmp_path)
+    assert res["average_accuracy"] > res["naive_average_accuracy"] + 0.2
+    assert res["forgetting"] < res["naive_forgetting"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ewc", "lora"])
+def test_full_intents_protects_task_one(method: str, tmp_path: Path, shared_data: Path) -> None:
+    res = harness.run(benchmarks.intents(data_root=shared_data), method, out_dir=tmp_path, timing=False)
+    assert res["forgetting_per_task"][0] < res["naive_forgetting_per_task"][0]
+    assert res["forgetting_per_task"][0] <= 0.03

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.quant import kernels
+from core.quant.formats import QuantSpec
+from core.quant.linear import QuantLinear, linear_weight_bytes, quantizable_linears, quantize_rtn
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128, "fp32")])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("backend", ["c", "dequant"])
+def test_quantized_matmul_matches_dequantized_reference(quant_home, spec: QuantSpec, rows: int, backend: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 72, bias=True)
+    q = QuantLinear.from_linear(lin, spec)
+    x = torch.randn(rows, 256)
+    ref = F.linear(x, q.dequantized(), q.bias)
+    kernels.set_backend(backend)  # type: ignore[arg-type]
+    try:
+        y = q(x)
+    finally:
+        kernels.set_backend(None)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+    # and close to the float layer it replaces
+    rel = (y - lin(x)).norm() / lin(x).norm()
+    assert rel < (0.01 if spec.bits == 8 else 0.15)
+
+
+def test_c_kernel_builds_here(quant_home) -> None:
+    if kernels.c_library() is None:
+        pytest.skip(f"no C kernel on this machine: {kernels.c_library_error()}")
+    assert kernels.active_backend() == "c"
+
+
+def test_awq_input_scale_is_exact_in_float(quant_home) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 16, bias=False)
+    s = torch.rand(128) + 0.5
+    q = QuantLinear.from_linear(lin, QuantSpec(8), input_scale=s)
+    x = torch.randn(3, 128)
+    assert torch.allclose(q(x), F.linear(x, q.dequantized()), atol=1e-4)
+    assert torch.allclose(q(x), lin(x), atol=0.05)
+
+
+def test_replace_in_sequential_and_bytes_shrink(quant_home) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64))
+    x = torch.randn(4, 128)
+    ref = model(x)
+    fp = linear_weight_bytes(model)
+    names = list(quantizable_linears(model))
+    quantize_rtn(model, {n: QuantSpec(4, 64) for n in names})
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
+    assert linear_weight_bytes(model) < 0.2 * fp
+    assert (model(x) - ref).norm() / ref.norm() < 0.15

@@ -1,0 +1,44 @@
+"""Fixtures for customer_service tests: a tiny tracker trained on real SGD dialogues (one service,
+a few dozen dialogues, cached for the session) and a helper that installs it into a tmp home."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "customer_service"
+TINY_SERVICE = "Restaurants_1"
+
+
+@pytest.fixture(scope="session")
+def tiny_tracker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tracker heads trained on 30 real SGD train dialogues of Restaurants_1 (about 40 s on 2 cores)."""
+    if not SHARED.exists():
+        pytest.skip("shared data not found")
+    from solutions.customer_service.data import load_sgd
+    from solutions.customer_service.dst import TrackerConfig
+    from solutions.customer_service.dst_train import train_tracker
+    from solutions.customer_service.encoder import MiniLMEncoder
+
+    out = tmp_path_factory.mktemp("cs_tracker")
+    tr = load_sgd(SHARED, "train")
+    pool = [d for d in tr.dialogues if d["services"] == [TINY_SERVICE]]
+    dialogues = random.Random(0).sample(pool, 30)
+    enc = MiniLMEncoder(cache_dir=out / "cache")
+    tracker = train_tracker(dialogues, {TINY_SERVICE: tr.schemas[TINY_SERVICE]}, enc, TrackerConfig(epochs=12))
+    tracker.save(out / "dst-sgd")
+    return out
+
+
+@pytest.fixture
+def tiny_home(tiny_tracker_dir: Path, tmp_home: Path) -> Path:
+    """``tmp_home`` with the tiny tracker (and its embedding cache) installed as the default model."""
+    dst = tmp_home / "models" / "customer_service"
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_tracker_dir / "dst-sgd", dst / "dst-sgd", dirs_exist_ok=True)
+    if (tiny_tracker_dir / "cache").is_dir():
+        shutil.copytree(tiny_tracker_dir / "cache", dst / "cache", dirs_exist_ok=True)
+    return tmp_home

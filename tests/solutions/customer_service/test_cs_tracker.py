@@ -1,0 +1,83 @@
+"""Tracker behaviour with a tiny model trained on real SGD dialogues: carry-over over 15+ turns,
+corrections, services never seen in training (zero-shot from the schema), several services at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from solutions.customer_service.data import load_sgd, sgd_train_services
+from solutions.customer_service.dst import DialogueStateTracker, encode_pairs
+from solutions.customer_service.encoder import MiniLMEncoder
+
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "customer_service"
+TINY_SERVICE = "Restaurants_1"
+
+
+@pytest.fixture(scope="module")
+def tracker(tiny_tracker_dir: Path) -> DialogueStateTracker:
+    return DialogueStateTracker.load(tiny_tracker_dir / "dst-sgd", MiniLMEncoder(cache_dir=tiny_tracker_dir / "cache"))
+
+
+@pytest.fixture(scope="module")
+def schemas() -> dict:
+    s = dict(load_sgd(SHARED, "train").schemas)
+    s.update(load_sgd(SHARED, "dev").schemas)
+    return s
+
+
+def run(tracker: DialogueStateTracker, schemas: dict, turns: list[tuple[str, str]], services: list[str],
+        state: dict | None = None) -> list[dict]:
+    bank = tracker.bank(schemas)
+    feats = encode_pairs(tracker.encoder, [u for _, u in turns], [s for s, _ in turns])
+    out, st = [], state or {}
+    for (system, user), f in zip(turns, feats, strict=True):
+        st = tracker.step(st, f, user, system, services, bank)
+        out.append(st)
+    return out
+
+
+TURNS = [("", "I'd like to reserve a table at 7 pm in San Jose."),
+         ("Which restaurant would you like?", "Sino, please.")]
+FILLER = [("Is there anything else?", "Hmm, let me think for a second."),
+          ("Sure, take your time.", "Okay."),
+          ("Anything else I can do?", "Just a moment please.")] * 5  # 15 filler turns
+
+
+def test_carry_over_15_turns(tracker: DialogueStateTracker, schemas: dict) -> None:
+    states = run(tracker, schemas, TURNS + FILLER, [TINY_SERVICE])
+    first = states[1][TINY_SERVICE]["slot_values"]
+    assert first, "the tracker should fill slots from an explicit request"
+    last = states[-1][TINY_SERVICE]["slot_values"]
+    assert len(states) == 17 and last == first  # 15 turns later nothing was lost or invented
+
+
+@pytest.mark.xfail(strict=True, reason="known weakness: the current heads do not learn corrections "
+                   "('actually make it 8 pm' keeps 7 pm), also with the 400-dialogue model; see README")
+def test_correction_replaces_the_value(tracker: DialogueStateTracker, schemas: dict) -> None:
+    states = run(tracker, schemas, TURNS, [TINY_SERVICE])
+    first = states[-1][TINY_SERVICE]["slot_values"]
+    fixed = run(tracker, schemas, [("Shall I book Sino at 7 pm?", "Actually, make it 8 pm instead.")],
+                [TINY_SERVICE], state=states[-1])[-1][TINY_SERVICE]["slot_values"]
+    assert "8" in fixed.get("time", [""])[0] and "7" not in fixed["time"][0]
+    assert {k: v for k, v in fixed.items() if k != "time"} == {k: v for k, v in first.items() if k != "time"}
+
+
+def test_unseen_service_is_tracked_from_its_schema(tracker: DialogueStateTracker, schemas: dict) -> None:
+    unseen = "Alarm_1"
+    assert unseen not in sgd_train_services(SHARED)
+    st = run(tracker, schemas, [("", "Please set an alarm for 6:30 am called wake up.")], [unseen])[-1]
+    frame = st[unseen]
+    names = {i["name"] for i in schemas[unseen]["intents"]} | {"NONE"}
+    slots = {s["name"] for s in schemas[unseen]["slots"]}
+    assert frame["active_intent"] in names and set(frame["slot_values"]) <= slots
+    assert set(frame["requested_slots"]) <= slots
+
+
+def test_two_services_keep_separate_frames(tracker: DialogueStateTracker, schemas: dict) -> None:
+    a = run(tracker, schemas, [("", "Book a table at 7 pm in Napa.")], [TINY_SERVICE])[-1]
+    b = run(tracker, schemas, [("Done. Anything else?", "Yes, I also need a ride there.")], ["RideSharing_1"],
+            state=a)[-1]
+    assert b[TINY_SERVICE] == a[TINY_SERVICE]  # not touched while the customer talks about a ride
+    assert "RideSharing_1" in b

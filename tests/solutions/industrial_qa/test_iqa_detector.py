@@ -1,0 +1,208 @@
+"""Detector behaviour: heatmap shape/alignment, calibration, thresholds, metrics, bad images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from core.errors import DataError, ModelNotReady
+from solutions.industrial_qa import metrics
+from solutions.industrial_qa.calibration import Calibrator, false_alarm_rate, threshold_for_false_alarm_rate
+from solutions.industrial_qa.data import few_shot_split, load_mvtec, read_image
+from solutions.industrial_qa.detector import AnomalyDetector
+
+
+def test_heatmap_at_input_resolution_for_any_size_and_mode(tiny_detector, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (w, h, mode) in enumerate([(300, 200, "L"), (97, 311, "RGB"), (64, 64, "RGBA")]):
+        arr = (rng.random((h, w, len(mode) if mode != "L" else 1)) * 255).astype(np.uint8).squeeze()
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(arr, mode=mode).save(p)
+        files.append((p, h, w))
+    results = tiny_detector.inspect_images([p for p, _, _ in files])
+    for (_, h, w), r in zip(files, results, strict=True):
+        assert r.heatmap.shape == (h, w)
+        assert np.isfinite(r.heatmap).all() and 0.0 <= r.heatmap.min() and r.heatmap.max() <= 1.0
+        assert 0.0 <= r.probability <= 1.0
+        assert r.reject == (r.score > tiny_detector.calibrator.threshold)
+
+
+def test_heatmap_is_aligned_with_a_planted_defect(tiny_detector, iqa_src: Path, tmp_path: Path) -> None:
+    """A dark square planted in the lower-right of a normal (non-square) part lights up there."""
+    good = sorted((iqa_src / "test" / "good").iterdir())[0]
+    im = np.asarray(read_image(good)).copy()
+    h, w = im.shape[:2]
+    y0, x0 = int(h * 0.65), int(w * 0.65)
+    im[y0:y0 + h // 5, x0:x0 + w // 5] = 0
+    p = tmp_path / "planted.png"
+    Image.fromarray(im).save(p)
+    heat = tiny_detector.inspect_images([p])[0].heatmap
+    assert heat.shape == (h, w)
+    yy, xx = np.unravel_index(np.argmax(heat), heat.shape)
+    assert yy > h * 0.5 and xx > w * 0.5, f"peak at {(yy, xx)} not near the defect at {(y0, x0)}"
+    inside = heat[y0:y0 + h // 5, x0:x0 + w // 5].mean()
+    assert inside > np.median(heat)
+
+
+def test_save_and_load_round_trip(tiny_detector, iqa_src: Path, tmp_path: Path) -> None:
+    tiny_detector.save(tmp_path / "m")
+    det2 = AnomalyDetector.load(tmp_path / "m")
+    p = sorted((iqa_src / "test" / "good").iterdir())[:2]
+    a = tiny_detector.inspect_images(p)
+    b = det2.inspect_images(p)
+    assert [r.score for r in a] == pytest.approx([r.score for r in b], rel=1e-5)
+    with pytest.raises(ModelNotReady):
+        AnomalyDetector.load(tmp_path / "missing")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=5, max_size=200), st.lists(st.floats(-2, 8), min_size=0, max_size=50))
+def test_calibration_is_monotone_and_centred(normal: list[float], defect: list[float]) -> None:
+    cal = Calibrator.fit(np.array(normal), np.array(defect) if defect else None, target_far=0.05)
+    grid = np.linspace(-10, 10, 101)
+    p = cal.probability(grid)
+    assert np.all(np.diff(p) >= 0)
+    assert np.all((p >= 0) & (p <= 1))
+    if not defect:
+        assert cal.probability(cal.threshold) == pytest.approx(0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(20, 2000), st.sampled_from([0.01, 0.05, 0.1, 0.2]), st.integers(0, 10_000))
+def test_threshold_respects_the_false_alarm_target(n: int, far: float, seed: int) -> None:
+    scores = np.random.default_rng(seed).normal(size=n)
+    thr = threshold_for_false_alarm_rate(scores, far)
+    assert false_alarm_rate(scores, thr) <= far
+    # new normals from the same distribution: the conformal bound holds on average; the FAR of an
+    # order-statistic threshold is Beta(n + 1 - k, k) distributed (k = its rank), so check its mean and
+    # a 1e-4 upper quantile (+ Monte-Carlo slack for the 20,000 fresh draws)
+    from scipy.stats import beta
+
+    k = min(int(np.ceil((n + 1) * (1 - far))), n)
+    assert (n + 1 - k) / (n + 1) <= far or k == n
+    fresh = np.random.default_rng(seed + 1).normal(size=20_000)
+    assert false_alarm_rate(fresh, thr) <= beta.ppf(1 - 1e-4, n + 1 - k, k) + 0.01
+
+
+def test_threshold_rejects_bad_targets() -> None:
+    with pytest.raises(DataError):
+        threshold_for_false_alarm_rate(np.ones(5), 0.0)
+    with pytest.raises(DataError):
+        threshold_for_false_alarm_rate(np.array([]), 0.1)
+
+
+def test_metrics_on_known_cases() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    assert metrics.image_auroc(np.array([0.1, 0.2, 0.3, 0.8, 0.9]), labels) == 1.0
+    assert metrics.false_alarm_rate_at_recall(np.array([0.1, 0.2, 0.85, 0.8, 0.9]), labels) == pytest.approx(1 / 3)
+    masks = np.zeros((2, 32, 32), np.uint8)
+    masks[1, 5:10, 5:10] = 1
+    masks[1, 20:30, 20:30] = 1
+    perfect = masks.astype(np.float32)
+    assert metrics.aupro(perfect, masks) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.pixel_auroc(perfect, masks) == 1.0
+    # a map that finds only one of the two regions gets roughly half the per-region overlap
+    half = np.zeros_like(perfect)
+    half[1, 5:10, 5:10] = 1
+    assert 0.4 < metrics.aupro(half, masks) < 0.7
+
+
+def test_bad_images_raise_clear_data_errors(tmp_path: Path) -> None:
+    txt = tmp_path / "notes.png"
+    txt.write_text("this is not an image")
+    with pytest.raises(DataError, match="not a readable image"):
+        read_image(txt)
+    trunc = tmp_path / "trunc.jpg"
+    Image.new("RGB", (200, 200), "gray").save(trunc)
+    trunc.write_bytes(trunc.read_bytes()[:100])
+    with pytest.raises(DataError):
+        read_image(trunc)
+    big = tmp_path / "big.png"
+    Image.new("L", (8000, 6000)).save(big)
+    with pytest.raises(DataError, match="pixels"):
+        read_image(big)
+    tiny = tmp_path / "tiny.png"
+    Image.new("L", (4, 4)).save(tiny)
+    with pytest.raises(DataError, match="at least"):
+        read_image(tiny)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        read_image(empty)
+
+
+def test_loader_errors_and_few_shot_split(tiny_mvtec: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_mvtec(tmp_path / "nowhere")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match="MVTec layout"):
+        load_mvtec(tmp_path / "flat")
+    ds = load_mvtec(tiny_mvtec)
+    assert ds.has_masks and ds.defect_types == ["blowhole", "crack", "uneven"]
+    shots, rest = few_shot_split(ds.test, 4, seed=1)
+    assert len(shots) == 4 and {s.defect_type for s in shots} == {"blowhole", "crack", "uneven"}
+    assert not {s.path for s in shots} & {s.path for s in rest}
+    assert sum(s.label == 0 for s in rest) == 6
+    assert [s.path for s in few_shot_split(ds.test, 4, seed=1)[0]] == [s.path for s in shots]
+    with pytest.raises(DataError):
+        few_shot_split(ds.test, 9)
+
+
+def _synthetic_raw_detector(maps: torch.Tensor, norm: str = "position") -> AnomalyDetector:
+    """A detector whose ``_raw`` returns ``maps[i]`` (knn) and zeros (seg) for an image filled with ``i``."""
+    from solutions.industrial_qa.detector import DetectorConfig
+
+    det = AnomalyDetector(DetectorConfig(fusion="knn", norm=norm, blur_sigma=0.0, batch_size=4))
+
+    def raw(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = maps[x[:, 0, 0, 0].round().long()]
+        return torch.zeros(len(x), 1, *k.shape[-2:]), k, torch.zeros_like(k)
+
+    det._raw = raw  # type: ignore[method-assign]
+    return det
+
+
+def test_position_normalisation_suppresses_fixed_structures_with_leave_one_out_calibration() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, h = 10, 8
+    maps = torch.rand(n + 1, h, h, generator=g)
+    maps[:, 0, :] += 5.0                     # a bright but normal border row on every part
+    maps[n, 4, 4] += 2.5                     # the one defect, weaker than the border
+    x = np.broadcast_to(np.arange(n + 1, dtype=np.float32)[:, None, None, None], (n + 1, 3, h, h)).copy()
+    det = _synthetic_raw_detector(maps)
+    loo = det._fit_normalisation(x[:n])
+    glob = _synthetic_raw_detector(maps, norm="global")
+    glob._fit_normalisation(x[:n])
+    # global z-scores put the maximum on the border row; per-position z-scores on the defect
+    assert int(glob.fuse(maps[n:, :, :], maps[n:]).flatten().argmax()) // h == 0
+    assert int(det.fuse(maps[n:], maps[n:]).flatten().argmax()) == 4 * h + 4
+    # each held-out score uses statistics without that image: same as refitting on the other n - 1
+    # (up to the std floor, which uses all n), and clearly above the score with its own map included
+    for i in (0, 7):
+        others = _synthetic_raw_detector(maps)
+        others._fit_normalisation(x[[j for j in range(n) if j != i]])
+        assert loo[i] == pytest.approx(float(others.fuse(maps[i:i + 1], maps[i:i + 1]).max()), rel=1e-3)
+        assert loo[i] > 1.05 * float(det.fuse(maps[i:i + 1], maps[i:i + 1]).max())
+
+
+def test_median_background_ignores_part_wide_offsets_but_keeps_local_defects() -> None:
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(12, 8, 8, generator=g)
+    x = np.broadcast_to(np.arange(10, dtype=np.float32)[:, None, None, None], (10, 3, 8, 8)).copy()
+    det = _synthetic_raw_detector(maps)
+    det._fit_normalisation(x)
+    base = maps[10:11]
+    shifted, local = base + 3.0 * det.pos_stats[1], base.clone()   # +3 z everywhere
+    local[0, 2:4, 2:4] += 3.0 * det.pos_stats[1, 2:4, 2:4]
+    s_base, s_shift, s_local = (float(det.fuse(m, m).max()) for m in (base, shifted, local))
+    assert s_shift == pytest.approx(s_base, abs=1e-4)
+    assert s_local > s_base + 1.0
+    det.config.background = "none"
+    assert float(det.fuse(shifted, shifted).max()) == pytest.approx(float(det.fuse(base, base).max()) + 3.0, abs=1e-4)

@@ -1,0 +1,93 @@
+"""De-identification (basic profile) and DICOM SR round trip on real pydicom test files."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+from mi_helpers import dicom_testfile as dcm_file
+
+from core.errors import DataError
+from solutions.medical_imaging.deid import Deidentifier, phi_values
+from solutions.medical_imaging.sr import ReportContent, build_sr, read_sr, report_text, write_pdf
+
+KEY = b"k" * 32
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "693_J2KR.dcm"])
+def test_no_phi_or_source_uids_left(name: str) -> None:
+    ds = pydicom.dcmread(dcm_file(name))
+    equipment = f"{ds.get('Manufacturer', '')} {ds.get('ManufacturerModelName', '')}"  # not PHI, kept
+    phi = [v for v in phi_values(ds) if v not in equipment and v.strip("-")]
+    uids = [str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)]
+    assert phi, "the source file should carry identifying values"
+    raw = _bytes(Deidentifier(KEY)(ds))
+    for v in phi + uids:
+        assert v.encode() not in raw, f"{v!r} survived de-identification"
+    out = pydicom.dcmread(io.BytesIO(raw))
+    assert out.PatientIdentityRemoved == "YES"
+    assert out.PatientID.startswith("ANON-") and str(out.PatientName) == out.PatientID
+    assert not any(e.tag.is_private for e in out)
+    assert out.pixel_array.size > 0  # pixels still decode (compressed syntaxes untouched)
+
+
+def test_dates_shift_consistently_per_patient_and_uids_are_stable() -> None:
+    d = Deidentifier(KEY)
+    a = pydicom.dcmread(dcm_file("CT_small.dcm"))
+    b = pydicom.dcmread(dcm_file("CT_small.dcm"))
+    b.StudyDate = "20040301"  # a later study of the same patient
+    orig_gap = 42  # 20040119 -> 20040301
+    da, db = d(a), d(b)
+    import datetime as dt
+
+    gap = (dt.datetime.strptime(db.StudyDate, "%Y%m%d") - dt.datetime.strptime(da.StudyDate, "%Y%m%d")).days
+    assert gap == orig_gap and da.StudyDate != "20040119"
+    assert da.StudyInstanceUID == db.StudyInstanceUID and da.PatientID == db.PatientID
+    other = d(pydicom.dcmread(dcm_file("MR_small.dcm")))
+    assert other.PatientID != da.PatientID
+    assert Deidentifier(b"another key" * 3)(pydicom.dcmread(dcm_file("CT_small.dcm"))).PatientID != da.PatientID
+
+
+def test_pseudonym_map_only_when_configured() -> None:
+    off, on = Deidentifier(KEY), Deidentifier(KEY, keep_map=True)
+    off(pydicom.dcmread(dcm_file("CT_small.dcm")))
+    ds = on(pydicom.dcmread(dcm_file("CT_small.dcm")))
+    assert off.pseudonym_map == {}
+    assert on.pseudonym_map == {"1CT1": ds.PatientID}
+
+
+def test_sr_round_trip_references_the_study(tmp_path) -> None:
+    d = Deidentifier(KEY)
+    src = d(pydicom.dcmread(dcm_file("CT_small.dcm"), stop_before_pixels=True))
+    content = ReportContent("A 2 cm mass in the left upper lobe.", "Suspicious for neoplasm.", signed_by="Dr^Reader")
+    sr = build_sr(content, [src])
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    back = read_sr(path)
+    assert back["findings"] == content.findings and back["impression"] == content.impression
+    assert back["study_uid"] == src.StudyInstanceUID
+    assert back["referenced_series"] == src.SeriesInstanceUID
+    assert back["verification"] == "VERIFIED" and back["verifier"] == "Dr^Reader"
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert ds.PatientID == src.PatientID
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    unsigned = read_sr(build_sr(ReportContent("x", "y"), [src]))
+    assert unsigned["verification"] == "UNVERIFIED"
+    assert "FINDINGS:" in report_text(content)
+    assert write_pdf(content, tmp_path / "r.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_sr_refuses_empty_report_or_no_evidence() -> None:
+    src = pydicom.dcmread(dcm_file("CT_small.dcm"), stop_before_pixels=True)
+    with pytest.raises(DataError):
+        build_sr(ReportContent("", ""), [src])
+    with pytest.raises(DataError):
+        build_sr(ReportContent("x", "y"), [])
