@@ -16,15 +16,18 @@ def _prompts() -> list[list[int]]:
 
 
 def test_batched_engine_matches_unbatched_greedy(tiny_model) -> None:
-    sp = SamplingParams(max_new_tokens=8)
     prompts = _prompts()
-    ref = [generate(tiny_model, [p], sp)[0] for p in prompts]
+    # The first request generates long enough that the others surely arrive while it is running,
+    # whatever the machine's speed: they are submitted only once its first token has streamed.
+    params = [SamplingParams(max_new_tokens=48)] + [SamplingParams(max_new_tokens=8)] * (len(prompts) - 1)
+    ref = [generate(tiny_model, [p], sp)[0] for p, sp in zip(prompts, params)]
     eng = Engine(tiny_model, max_batch=3, eos_token_id=None)
     with eng:
-        handles = []
-        for p in prompts:  # staggered arrivals: later requests join a running batch
+        first = eng.submit(prompts[0], params[0])
+        next(iter(first.stream(timeout=60)))
+        handles = [first]
+        for p, sp in zip(prompts[1:], params[1:]):  # later requests join the running batch
             handles.append(eng.submit(p, sp))
-            time.sleep(0.01)
         out = [h.result(120) for h in handles]
     assert out == ref
     assert eng.max_rows_seen >= 2
