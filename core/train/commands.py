@@ -57,3 +57,22 @@ def register(app: typer.Typer) -> None:
 
         sys.stdout.write(json.dumps(run_checkpointing_bench(steps=steps, batch_size=batch_size,
                                                             seq_len=seq_len)) + "\n")
+
+    @app.command("amp-bench")
+    def amp_bench(json_out: Annotated[bool, typer.Option("--json")] = False,
+                  device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+                  model: Annotated[str, typer.Option(help="small (~8M) or 100m (~108M)")] = "small",
+                  modes: Annotated[str, typer.Option(help="comma-separated: fp32,bf16,fp16")] = "fp32,bf16,fp16",
+                  steps: int = 10, batch_size: int = 8, seq_len: int = 256, rounds: int = 3) -> None:
+        """Training tokens/s under fp32 / bf16 / fp16+GradScaler side by side on one device, and what
+        ``amp=auto`` picks there (on a CPU without AMX, half precision is expected to be much slower)."""
+        from core.train.bench import run_amp_bench
+
+        res = run_amp_bench(device, model, tuple(m.strip() for m in modes.split(",") if m.strip()),
+                            steps, batch_size, seq_len, rounds)
+        if json_out:
+            sys.stdout.write(json.dumps(res) + "\n")
+            return
+        typer.echo(f"{res['device']} {res.get('gpu', '')} model={res['model']} auto picks {res['auto_picks']}")
+        for mode, row in res["modes"].items():
+            typer.echo(f"  {mode:5s} {row['tokens_per_s']:>12,.1f} tok/s  x{row['ratio_vs_fp32']}  loss {row['final_loss']}")
