@@ -198,7 +198,7 @@ def _register_solution_commands() -> None:
 
 
 def _register_platform_commands() -> None:
-    for mod in ("core.chaos", "core.auth_cli"):
+    for mod in ("core.chaos", "core.capacity", "core.auth_cli"):
         if importlib.util.find_spec(mod):
             importlib.import_module(mod).register(app)
 
