@@ -20,8 +20,10 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID, UID_dictionary
 
 # PS3.15 Table E.1-1 (basic profile), attributes an image header commonly carries. Action codes:
@@ -53,6 +55,9 @@ EMPTY: tuple[str, ...] = ("AccessionNumber", "StudyID", "ReferringPhysicianName"
 KEEP_UIDS: tuple[str, ...] = ("SOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
                               "ImplementationClassUID", "ReferencedSOPClassUID", "CodingSchemeUID",
                               "ContextGroupExtensionCreatorUID", "MappingResourceUID")
+# VRs that can carry an identifier or a date; everything else is left in its raw (unparsed) form.
+_ID_VRS = frozenset({"UI", "DA", "DT", "PN", "SQ"})
+_PATIENT_ID = Tag(0x0010, 0x0020)
 UID_ROOT = "2.25."  # UUID-derived UIDs (PS3.5 B.2): no registered root needed
 METHOD_CODES = (("113100", "Basic Application Confidentiality Profile"),
                 ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
@@ -92,7 +97,6 @@ class Deidentifier:
         if self.keep_map:
             self.pseudonym_map[original_id] = pseudo
 
-        ds.remove_private_tags()
         for kw in REMOVE:
             if kw in ds:
                 delattr(ds, kw)
@@ -102,7 +106,7 @@ class Deidentifier:
             ds.ContentCreatorName = ""
         ds.PatientID = pseudo
         ds.PatientName = pseudo
-        ds.walk(lambda d, elem: self._element(d, elem, shift))
+        self._walk(ds, shift)  # also drops private tags, at every nesting level
         if getattr(ds, "file_meta", None) is not None and "MediaStorageSOPInstanceUID" in ds.file_meta:
             ds.file_meta.MediaStorageSOPInstanceUID = UID(self.remap_uid(str(ds.file_meta.MediaStorageSOPInstanceUID)))
         ds.PatientIdentityRemoved = "YES"
@@ -115,6 +119,31 @@ class Deidentifier:
         ds.DeidentificationMethodCodeSequence = seq
         ds.LongitudinalTemporalInformationModified = "MODIFIED"
         return ds
+
+    def _walk(self, ds: Dataset, shift: dt.timedelta) -> None:
+        """Remove private tags and apply :meth:`_element` to UI/DA/DT/PN values, recursing into sequences.
+
+        Only elements whose VR can carry an identifier are converted from their raw bytes (pydicom's
+        ``walk`` converts every element, which was the most expensive step of ingest).
+        """
+        for tag in list(ds.keys()):
+            if tag.is_private:
+                del ds[tag]
+                continue
+            vr = getattr(ds.get_item(tag), "VR", None)
+            if vr in (None, "UN"):  # implicit VR little endian, or unknown: the dictionary knows
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    vr = None
+            if vr is not None and vr not in _ID_VRS and tag != _PATIENT_ID:
+                continue
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                for item in elem.value or []:
+                    self._walk(item, shift)
+            else:
+                self._element(ds, elem, shift)
 
     def _element(self, _ds: Dataset, elem: DataElement, shift: dt.timedelta) -> None:
         if elem.value in (None, ""):

@@ -54,13 +54,32 @@ class FileError:
     study_uid: str = ""  # the source study, when the header could be read
 
 
-@dataclass
 class ParsedInstance:
-    """One DICOM instance: its header (pixel data kept for storage) and rescaled frames."""
+    """One DICOM instance: its header (pixel data kept for storage) and rescaled frames.
 
-    path: str
-    dataset: Dataset
-    pixels: np.ndarray  # (F, H, W) float32 in modality units (HU for CT) after slope/intercept
+    ``pixels`` (F, H, W) float32 in modality units (HU for CT, slope/intercept applied) is decoded on
+    first access when not given: ingest only needs the header (the pixel element is validated by
+    :func:`parse_instance`), so uncompressed slices are never decoded on the way into storage.
+    """
+
+    __slots__ = ("path", "dataset", "_pixels")
+
+    def __init__(self, path: str, dataset: Dataset, pixels: np.ndarray | None = None) -> None:
+        self.path, self.dataset, self._pixels = path, dataset, pixels
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = decode_pixels(self.dataset, self.path)
+        return self._pixels
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(frames, rows, columns) without decoding the pixels."""
+        if self._pixels is not None:
+            return tuple(int(v) for v in self._pixels.shape)  # type: ignore[return-value]
+        ds = self.dataset
+        return int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)
 
     @property
     def study_uid(self) -> str:
@@ -222,11 +241,45 @@ def decode_pixels(ds: Dataset, label: str = "") -> np.ndarray:
     return arr
 
 
-def parse_instance(source: str | Path | bytes, name: str = "") -> ParsedInstance:
-    """Header + pixels of one DICOM file; DataError with the reason when it cannot be used."""
+def _check_native_pixels(ds: Dataset, label: str) -> bool:
+    """For uncompressed (native) pixel data: True when the header and the pixel element are consistent
+    (the pixels can then be decoded later, on demand); raises DataError for truncated data. False when
+    the data is compressed or unusual (float, colour, palette, odd bit depths) and must be decoded now.
+    """
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or getattr(tsyntax, "is_compressed", True) or "PixelData" not in ds:
+        return False
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits, spp = int(ds.BitsAllocated), int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+        pixel_repr = int(ds.PixelRepresentation)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False  # let the full decoder produce its specific error
+    if (spp != 1 or bits not in (8, 16) or pixel_repr not in (0, 1) or rows < 1 or cols < 1 or frames < 1
+            or photometric not in ("MONOCHROME1", "MONOCHROME2") or "ModalityLUTSequence" in ds):
+        return False
+    expected = rows * cols * frames * bits // 8
+    got = len(ds.get_item("PixelData").value or b"")
+    if got < expected:
+        raise DataError(f"{label}: pixel data is truncated or incomplete (expected {expected} bytes for "
+                        f"{frames} x {rows} x {cols} x {bits} bits, found {got})")
+    return True
+
+
+def parse_instance(source: str | Path | bytes, name: str = "", decode: bool = True) -> ParsedInstance:
+    """Header + pixels of one DICOM file; DataError with the reason when it cannot be used.
+
+    ``decode=False``: uncompressed monochrome pixel data is only validated (size against the header)
+    and decoded on first access of ``pixels``; compressed data is always decoded here, since that is
+    the only way to know it is readable.
+    """
     label = name or str(source if not isinstance(source, bytes) else "<bytes>")
     ds = read_dicom(source, label)
     try:
+        if not decode and _check_native_pixels(ds, label):
+            return ParsedInstance(path=label, dataset=ds)
         pixels = decode_pixels(ds, label)
     except DataError as e:
         e.study_uid = str(ds.get("StudyInstanceUID", ""))  # type: ignore[attr-defined]
@@ -359,8 +412,10 @@ class ScanResult:
         return group_instances(self.instances)
 
 
-def scan(path: str | Path) -> ScanResult:
-    """Read every file under ``path``; unreadable files become :class:`FileError` rows, not exceptions."""
+def scan(path: str | Path, decode: bool = True) -> ScanResult:
+    """Read every file under ``path``; unreadable files become :class:`FileError` rows, not exceptions.
+
+    ``decode=False`` defers decoding of valid uncompressed pixel data (see :func:`parse_instance`)."""
     out = ScanResult()
     for name, src in iter_sources(path):
         if isinstance(src, FileError):
@@ -377,7 +432,7 @@ def scan(path: str | Path) -> ScanResult:
                 out.errors.append(FileError(name, f"{name}: file larger than {MAX_FILE_BYTES // 1024**3} GB"))
                 continue
         try:
-            out.instances.append(parse_instance(src if isinstance(src, bytes) else Path(src), name))
+            out.instances.append(parse_instance(src if isinstance(src, bytes) else Path(src), name, decode))
         except DataError as e:
             out.errors.append(FileError(name, str(e), getattr(e, "study_uid", "")))
     return out

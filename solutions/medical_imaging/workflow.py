@@ -125,7 +125,7 @@ def ingest_path(path: str | Path, upload_key: str | None = None, history: str = 
     """Read, de-identify, store and register every image under ``path``; bad files become errors."""
     d = deidentifier()
     key = upload_key or "path:" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
-    scan = dicom_io.scan(path)
+    scan = dicom_io.scan(path, decode=False)  # native pixels: validated, not decoded
     n_files = len(scan.instances) + len(scan.volumes) + len(scan.key_images) + len(scan.errors)
     source_kind = {id(i): "dicom" for i in scan.instances}
     for inst in scan.instances:
@@ -206,7 +206,7 @@ def _upsert_series(s: Session, study: Study, se: dicom_io.SeriesGroup, folder: P
     sdir.mkdir(parents=True, exist_ok=True)
     first = se.instances[0]
     series.modality, series.plane = se.modality, se.plane
-    series.rows, series.cols = int(first.pixels.shape[-2]), int(first.pixels.shape[-1])
+    series.rows, series.cols = first.shape[-2], first.shape[-1]
     series.spacing = list(se.spacing())
     series.storage_path = str(sdir)
     s.flush()
@@ -222,7 +222,7 @@ def _upsert_series(s: Session, study: Study, se: dicom_io.SeriesGroup, folder: P
         row.instance_number = int(inst.dataset.get("InstanceNumber", idx + 1) or idx + 1)
         pos = dicom_io.slice_position(inst.dataset)
         row.position = float(pos) if pos is not None else float(idx)
-        row.n_frames = int(inst.pixels.shape[0])
+        row.n_frames = inst.shape[0]
         row.path = str(target)
     s.flush()
     series.n_instances = len(s.scalars(select(Instance.id).where(Instance.series_id == series.id)).all())
