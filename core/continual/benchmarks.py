@@ -33,7 +33,7 @@ from core.errors import DataError
 from core.settings import get_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x (B, D), y (B,), t (B,))
-BENCHMARKS = ("permuted-digits", "intents")
+BENCHMARKS = ("permuted-digits", "intents", "defects")
 SPLIT_SEED = 0
 EVAL_FRACTION = 0.2
 
@@ -67,6 +67,9 @@ class Benchmark:
     replay_capacity: int
     ewc_fisher: str = "empirical_per_sample"  # FisherKind of core.continual.ewc
     fisher_samples: int = 1024
+    metric: Literal["accuracy", "balanced_accuracy"] = "accuracy"  # what R[i][j] holds
+    optimizer: Literal["adam", "sgd"] = "adam"  # sgd = SGD with momentum 0.9, constant lr
+    ewc_apply: str = "grad"  # ApplyMode of core.continual.ewc
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -323,10 +326,115 @@ def intents(data_root: Path | None = None, n_tasks: int = 3, per_class: int | No
     )
 
 
+# -- defects --------------------------------------------------------------------------------------
+DEFECT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("setup-a", ("exp0", "exp1", "exp2")),
+    ("setup-b", ("exp3", "exp4")),
+    ("setup-c", ("exp5", "exp6")),
+)
+DEFECT_IMAGE_SIZE = 64
+
+
+class ConvNet(nn.Module):
+    """Small defect classifier for ``(B, S*S)`` flattened grayscale images -> logits ``(B, C)``.
+
+    Three conv-BN-free stages (3x3, ReLU, 2x2 max-pool), global average + max pooling, linear head; ``t``
+    is ignored (domain-incremental). No pretrained vision weights are available offline.
+    """
+
+    def __init__(self, size: int = DEFECT_IMAGE_SIZE, n_classes: int = 2, widths: tuple[int, ...] = (16, 32, 64),
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = w
+        self.size = size
+        self.features = nn.Sequential(*layers)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * c_in, n_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x.view(-1, 1, self.size, self.size))  # (B, C, s, s)
+        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)  # (B, 2C)
+        return self.head(self.drop(pooled))
+
+
+def _defect_images(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every image of an MVTec-layout folder as ``(N, size*size)`` float32 in [0, 1] (grayscale, resized),
+    label 0 = good / 1 = defective, and the file stems. Cached under VERTICALS_HOME."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(root.glob("train/good/*.jpg")) + sorted(root.glob("test/*/*.jpg"))
+    files += sorted(root.glob("train/good/*.png")) + sorted(root.glob("test/*/*.png"))
+    if not files:
+        raise DataError(f"no images under {root}/train/good or {root}/test/<type>: expected the MVTec layout "
+                        "(train/good/*.jpg, test/good/*.jpg, test/<defect>/*.jpg)")
+    labels = np.array([0 if f.parent.name == "good" else 1 for f in files], dtype=np.int64)
+    names = [f"{f.parent.parent.name}/{f.parent.name}/{f.name}" for f in files]
+    key = hashlib.sha1(("\n".join(names) + f"|{size}|{root.resolve()}").encode()).hexdigest()[:16]
+    cache = get_settings().home / "cache" / "continual" / f"defects-{key}.npz"
+    if cache.exists():
+        try:
+            with np.load(cache) as z:
+                return z["x"], labels, names
+        except (OSError, ValueError, KeyError):
+            cache.unlink(missing_ok=True)
+    from tqdm import tqdm
+
+    x = np.empty((len(files), size * size), dtype=np.float32)
+    for i, f in enumerate(tqdm(files, desc="defect images (cached)", unit="img")):
+        try:
+            with Image.open(f) as im:
+                x[i] = np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float32).ravel() / 255.0
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"cannot read image {f}: {e}") from e
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache.with_suffix(".tmp.npz"), x=x)
+    cache.with_suffix(".tmp.npz").replace(cache)
+    return x, labels, names
+
+
+def defects(data_root: Path | None = None, n_tasks: int = 3, size: int = DEFECT_IMAGE_SIZE) -> Benchmark:
+    """Magnetic-tile defect detection (good vs defective) learned acquisition setup by setup.
+
+    The dataset's file names carry the capture setup (``exp0``..``exp6``: lighting/exposure); three groups
+    of setups are three tasks, like a line that moves to a new camera or product batch. Each task pools its
+    setups' normal (``train/good``, ``test/good``) and defective (``test/<type>``) images and keeps a fixed
+    stratified 20 % (seed 0) as its eval set. Scored by balanced accuracy (defects are ~20 %).
+    """
+    root = Path(data_root or get_settings().data_root) / "industrial" / "magnetic_tile"
+    x, y, names = _defect_images(root, size)
+    setup = np.array([Path(n).name.split("_", 1)[0] for n in names])
+    tasks: list[Task] = []
+    for k, (name, exps) in enumerate(DEFECT_GROUPS[:n_tasks]):
+        rows = np.flatnonzero(np.isin(setup, exps))
+        if len(rows) < 10 or y[rows].min() == y[rows].max():
+            raise DataError(f"defects task {name} ({', '.join(exps)}): needs good and defective images named "
+                            f"<exp>_*.jpg under {root}; found {len(rows)}")
+        tr, ev = _split(len(rows), y[rows])
+        tasks.append(Task(name, _batch(x[rows[tr]], y[rows[tr]], k), _batch(x[rows[ev]], y[rows[ev]], k), 2))
+    return Benchmark(
+        name="defects", scenario="domain", tasks=tasks,
+        make_model=lambda: ConvNet(size, 2),
+        epochs=30, lr=1e-3, batch_size=32,
+        ewc_lambda=1000.0, online_decay=1.0, ewc_params=None,
+        lora_targets=["head"], lora_rank=4, head_pattern=None,
+        replay_capacity=100, metric="balanced_accuracy",
+        notes={"eval_set": "per setup group, a fixed stratified 20% (seed 0) of its good + defective images",
+               "tasks": "; ".join(f"{n}={'+'.join(e)}" for n, e in DEFECT_GROUPS[:n_tasks]),
+               "model": f"3-stage CNN (16-32-64) on {size}x{size} grayscale, trained from scratch",
+               "metric": "balanced accuracy (mean of good and defect recall)"},
+    )
+
+
 def load(name: str, **kwargs: Any) -> Benchmark:
     """Build a benchmark by CLI name."""
     if name == "permuted-digits":
         return permuted_digits(**kwargs)
     if name == "intents":
         return intents(**kwargs)
+    if name == "defects":
+        return defects(**kwargs)
     raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")

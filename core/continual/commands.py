@@ -31,7 +31,7 @@ def continual_eval(
     ewc_lambda: Annotated[float | None, typer.Option(min=0.0, help="Override the benchmark's EWC lambda.")] = None,
     timing: Annotated[bool, typer.Option(help="Measure the EWC step-time ratio (EWC methods).")] = True,
     only_timing: Annotated[bool, typer.Option(help="Only measure the EWC vs plain step-time ratio.")] = False,
-    data_root: Annotated[Path | None, typer.Option(help="Folder holding customer_service/ (intents).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding customer_service/ (intents) or industrial/magnetic_tile/ (defects).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch (the models are small).")] = 1,
 ) -> None:
     """Train the benchmark's tasks in sequence with METHOD; report R[i][j], forgetting, transfer, and the
@@ -45,16 +45,12 @@ def continual_eval(
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHOD_CHOICES)}")
     if benchmark not in BENCHMARK_CHOICES:
         raise ConfigError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARK_CHOICES)}")
-    if benchmark == "defects":
-        raise ConfigError("the 'defects' benchmark is not built yet (it needs the industrial detector); "
-                          "use permuted-digits or intents")
     torch.set_num_threads(threads)
     kwargs: dict[str, object] = {}
-    if benchmark == "intents":
-        if per_class is not None:
-            kwargs["per_class"] = per_class
-        if data_root is not None:
-            kwargs["data_root"] = data_root
+    if benchmark == "intents" and per_class is not None:
+        kwargs["per_class"] = per_class
+    if benchmark in ("intents", "defects") and data_root is not None:
+        kwargs["data_root"] = data_root
     bench = benchmarks.load(benchmark, **kwargs)
     if tasks is not None:
         bench.tasks = bench.tasks[:tasks]

@@ -6,8 +6,9 @@ and remembers their values ``theta*`` (the anchors). While later tasks train it 
     penalty = lambda / 2 * sum_t sum_i F_t,i * (theta_i - theta*_t,i)^2
 
 to the training objective, so weights that mattered for old tasks stay near their old values: either
-as a loss term in ``before_backward`` (``apply="loss"``) or, cheaper and with the same update, as its
-exact gradient added to ``.grad`` in ``after_backward`` (``apply="grad"``, the default).
+as a loss term in ``before_backward`` (``apply="loss"``), or, cheaper and with the same update, as its
+exact gradient added to ``.grad`` in ``after_backward`` (``apply="grad"``, the default), or as its
+proximal map after each optimizer step (``apply="prox"``: stable under any lambda with SGD).
 
 Modes:
   * ``separate``: one (F_t, theta*_t) pair per past task (the original paper).
@@ -40,7 +41,7 @@ from core.errors import ConfigError, DataError
 from core.train.hooks import TrainerHook
 
 EWCMode = Literal["separate", "online"]
-ApplyMode = Literal["grad", "loss"]
+ApplyMode = Literal["grad", "loss", "prox"]
 FisherKind = Literal["empirical", "empirical_per_sample", "true"]
 ParamFilter = Callable[[str], bool] | Sequence[str] | None
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -104,7 +105,13 @@ class EWC(TrainerHook):
         apply: ``"loss"`` adds the penalty to the loss in ``before_backward`` (autograd differentiates
             it; the reported loss includes it); ``"grad"`` (default, cheaper) adds its exact gradient
             ``lambda * W * (theta - c)`` to ``.grad`` in ``after_backward`` with three fused ``_foreach``
-            ops (after AMP unscaling, before clipping: the same update as ``"loss"``).
+            ops (after AMP unscaling, before clipping: the same update as ``"loss"``); ``"prox"`` leaves
+            the gradient alone and, after each optimizer step, applies the penalty's exact proximal map
+            ``theta <- (theta + a * c) / (1 + a)`` with ``a = lr * lambda * W`` (``lr`` of the parameter's
+            optimizer group). With SGD this is the implicit (backward-Euler) step of the same objective:
+            same stationary point, but stable for any ``lr * lambda * W`` (an explicit step diverges
+            once it exceeds ~2), so ``lambda`` can be large enough to also hold the many weights whose
+            individual Fisher is tiny.
         consolidate_at_task_end: consolidate in ``after_task`` (turn off to call :meth:`consolidate`
             yourself, e.g. on a held-out loader or once per several trainer.fit calls).
     """
@@ -128,8 +135,8 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
         if fisher not in ("empirical", "empirical_per_sample", "true"):
             raise ConfigError(f"EWC fisher must be empirical, empirical_per_sample or true, not {fisher!r}")
-        if apply not in ("grad", "loss"):
-            raise ConfigError(f"EWC apply must be 'grad' or 'loss', not {apply!r}")
+        if apply not in ("grad", "loss", "prox"):
+            raise ConfigError(f"EWC apply must be 'grad', 'loss' or 'prox', not {apply!r}")
         if lam < 0 or not 0.0 <= decay <= 1.0:
             raise ConfigError("EWC needs lam >= 0 and 0 <= decay <= 1")
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
@@ -186,6 +193,19 @@ class EWC(TrainerHook):
         diffs = torch._foreach_sub([p.detach() for p in params], centers)  # theta - c
         torch._foreach_mul_(diffs, weights)  # W * (theta - c)
         torch._foreach_add_([p.grad for p in params], diffs, alpha=self.lam)  # d/dtheta of the penalty
+
+    @torch.no_grad()
+    def after_step(self, trainer: Any, loss: float) -> None:
+        if self.apply != "prox" or not self._weight or self.lam == 0.0:
+            return
+        params, weights, centers = self._bind(trainer.model)
+        lrs = {id(p): float(g["lr"]) for g in trainer.optimizer.param_groups for p in g["params"]}
+        for p, w, c in zip(params, weights, centers, strict=True):
+            lr = lrs.get(id(p))
+            if lr is None:  # not trained by this optimizer: nothing moved it
+                continue
+            a = w * (lr * self.lam)  # (shape of p)
+            p.add_(a * c).div_(1.0 + a)  # argmin_x |x - p|^2 / (2 lr) + lam/2 * W (x - c)^2
 
     def _bind(self, model: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
         """The covered parameters of ``model`` with W and c on their devices (cached per model)."""

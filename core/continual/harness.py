@@ -64,24 +64,42 @@ class TensorLoader:
 
 
 def make_trainer(model: nn.Module, *, lr: float, hooks: Sequence[TrainerHook] = (),
-                 params: Sequence[nn.Parameter] | None = None, device: str = "cpu") -> Any:
+                 params: Sequence[nn.Parameter] | None = None, device: str = "cpu",
+                 optimizer: str = "adam") -> Any:
+    """The core trainer (AdamW, no decay, no clipping); ``optimizer="sgd"`` swaps in SGD with momentum
+    0.9 at a constant ``lr`` (the trainer's own optimizer is AdamW only)."""
     from core.train.trainer import Trainer
 
-    return Trainer(model, loss_fn, lr=lr, weight_decay=0.0, grad_clip=None, amp="fp32", hooks=hooks,
-                   params=params, device=device, progress=False)
+    trainer = Trainer(model, loss_fn, lr=lr, weight_decay=0.0, grad_clip=None, amp="fp32", hooks=hooks,
+                      params=params, device=device, progress=False)
+    if optimizer == "sgd":
+        ps = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        trainer.optimizer = torch.optim.SGD(ps, lr=lr, momentum=0.9)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
+    elif optimizer != "adam":
+        raise ConfigError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
+    return trainer
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, task: Task, batch_size: int = 1024, device: str = "cpu") -> float:
+def accuracy(model: nn.Module, task: Task, batch_size: int = 1024, device: str = "cpu",
+             metric: str = "accuracy") -> float:
+    """Accuracy on ``task.eval``, or balanced accuracy (mean per-class recall over the classes present)."""
     was = model.training
     model.eval()
     x, y, t = task.eval
-    correct = 0
+    preds = []
     for s in range(0, len(y), batch_size):
         logits = model(x[s : s + batch_size].to(device), t[s : s + batch_size].to(device))
-        correct += int((logits.argmax(-1).cpu() == y[s : s + batch_size]).sum())
+        preds.append(logits.argmax(-1).cpu())
     model.train(was)
-    return correct / max(len(y), 1)
+    if not preds:
+        return 0.0
+    hit = torch.cat(preds) == y
+    if metric == "balanced_accuracy":
+        recalls = [float(hit[y == c].float().mean()) for c in y.unique().tolist()]
+        return sum(recalls) / len(recalls)
+    return float(hit.float().mean())
 
 
 def _adapter_id(bench: Benchmark, j: int) -> str | None:
@@ -93,19 +111,21 @@ def _eval_row(bench: Benchmark, model: nn.Module, method: str, device: str) -> l
     for j, task in enumerate(bench.tasks):
         if method == "lora":
             with adapters.use_task(model, _adapter_id(bench, j)):
-                row.append(accuracy(model, task, device=device))
+                row.append(accuracy(model, task, device=device, metric=bench.metric))
         else:
-            row.append(accuracy(model, task, device=device))
+            row.append(accuracy(model, task, device=device, metric=bench.metric))
     return row
 
 
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
     if method == "ewc":
         return [EWC(bench.ewc_lambda, mode="separate", fisher=bench.ewc_fisher,  # type: ignore[arg-type]
-                    params=bench.ewc_params, fisher_samples=bench.fisher_samples, output_fn=output_fn)]
+                    apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
+                    fisher_samples=bench.fisher_samples, output_fn=output_fn)]
     if method == "online-ewc":
         return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
-                    params=bench.ewc_params, fisher_samples=bench.fisher_samples, output_fn=output_fn)]
+                    apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
+                    fisher_samples=bench.fisher_samples, output_fn=output_fn)]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
     return []
@@ -129,7 +149,8 @@ def train_sequence(bench: Benchmark, method: str, *, seed: int = 0, device: str 
                 pattern = bench.head_pattern.format(task=i)
                 params += [p for n, p in model.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
             adapters.set_task(model, task.name)
-        trainer = make_trainer(model, lr=bench.lr, hooks=hooks, params=params, device=device)
+        trainer = make_trainer(model, lr=bench.lr, hooks=hooks, params=params, device=device,
+                               optimizer=bench.optimizer)
         trainer.fit(TensorLoader(task.train, bench.batch_size, seed=seed + i), epochs=bench.epochs,
                     task_id=task.name)
         matrix.append(_eval_row(bench, model, method, device))
@@ -143,9 +164,9 @@ def train_joint(bench: Benchmark, *, seed: int = 0, device: str = "cpu") -> list
     torch.manual_seed(seed)
     model = bench.make_model().to(device)
     data = tuple(torch.cat([t.train[k] for t in bench.tasks]) for k in range(3))
-    make_trainer(model, lr=bench.lr, device=device).fit(TensorLoader(data, bench.batch_size, seed=seed),
-                                                         epochs=bench.epochs, task_id="joint")
-    return [accuracy(model, t, device=device) for t in bench.tasks]
+    make_trainer(model, lr=bench.lr, device=device, optimizer=bench.optimizer).fit(
+        TensorLoader(data, bench.batch_size, seed=seed), epochs=bench.epochs, task_id="joint")
+    return [accuracy(model, t, device=device, metric=bench.metric) for t in bench.tasks]
 
 
 def metrics(matrix: list[list[float]], base: list[float]) -> dict[str, Any]:
@@ -278,6 +299,7 @@ def run(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu", ou
         "untrained_accuracy": base,
         "tasks": [t.name for t in bench.tasks],
         "scenario": bench.scenario,
+        "metric": bench.metric,
         "seed": seed,
     })
     if timing and method in ("ewc", "online-ewc"):

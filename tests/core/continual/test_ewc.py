@@ -224,3 +224,39 @@ def test_ewc_hook_keeps_weights_near_old_task(net: Net) -> None:
         return sum(float((f_a[n] * (p.detach() - anchor[n]).square()).sum()) for n, p in model.named_parameters())
 
     assert drift(30.0) < 0.5 * drift(0.0)
+
+
+def test_prox_mode_is_the_proximal_step_and_stable_under_huge_lambda(net: Net) -> None:
+    ewc = EWC(1e9, apply="prox")
+    ewc.consolidate(net, loss_fn, task_data(20), "a")
+    anchor = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3)
+    moved = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    trainer = type("T", (), {"model": net, "optimizer": opt})()
+    ewc.after_step(trainer, 0.0)
+    w = [ewc._weight[n] for n, _ in net.named_parameters()]
+    for p, a, m, wi in zip(net.parameters(), anchor, moved, w, strict=True):
+        alpha = 0.5 * 1e9 * wi
+        torch.testing.assert_close(p.detach(), (m + alpha * a) / (1 + alpha))  # closed form
+        assert torch.isfinite(p).all()
+        # never overshoots the anchor: each weight ends between where it was and its anchor
+        assert bool(((p - a).abs() <= (m - a).abs() + 1e-6).all())
+    assert any(bool((p - a).abs().max() < 1e-3) for p, a in zip(net.parameters(), anchor, strict=True))
+
+
+def test_prox_mode_keeps_the_task_gradient_untouched(net: Net) -> None:
+    ewc = EWC(50.0, apply="prox")
+    ewc.consolidate(net, loss_fn, task_data(21), "a")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2)
+    trainer = type("T", (), {"model": net})()
+    loss = loss_fn(net, task_data(22)[0])
+    assert ewc.before_backward(trainer, loss) is loss
+    loss.backward()
+    before = [p.grad.clone() for p in net.parameters()]
+    ewc.after_backward(trainer)
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, net.parameters(), strict=True))

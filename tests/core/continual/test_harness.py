@@ -3,8 +3,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from core.continual import benchmarks, harness
@@ -122,3 +124,60 @@ def test_full_intents_protects_task_one(method: str, tmp_path: Path, shared_data
     res = harness.run(benchmarks.intents(data_root=shared_data), method, out_dir=tmp_path, timing=False)
     assert res["forgetting_per_task"][0] < res["naive_forgetting_per_task"][0]
     assert res["forgetting_per_task"][0] <= 0.03
+
+
+def _fake_tiles(root: Path, per_setup: int = 6) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tile = root / "industrial" / "magnetic_tile"
+    for k, exp in enumerate(["exp1", "exp3", "exp5"]):
+        for i in range(per_setup):
+            for folder, defect in (("train/good", False), ("test/good", False), ("test/crack", True)):
+                img = rng.integers(90, 110, (40 + 3 * k, 50), dtype=np.uint8)
+                if defect:
+                    img[10:20, 5:45] = 0  # a dark band
+                (tile / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(tile / folder / f"{exp}_num_{i}.jpg")
+    return root
+
+
+def test_defects_benchmark_groups_setups_and_scores_balanced(tmp_path: Path, tmp_home: Path) -> None:
+    root = _fake_tiles(tmp_path, per_setup=10)
+    b = benchmarks.defects(data_root=root, size=16)
+    assert [t.name for t in b.tasks] == ["setup-a", "setup-b", "setup-c"] and b.metric == "balanced_accuracy"
+    for k, t in enumerate(b.tasks):
+        assert t.train[0].shape[1] == 16 * 16 and bool((t.train[2] == k).all())
+        assert len(t.train[1]) + len(t.eval[1]) == 30 and set(t.eval[1].tolist()) == {0, 1}
+        assert 0.0 <= float(t.train[0].min()) and float(t.train[0].max()) <= 1.0
+    again = benchmarks.defects(data_root=root, size=16)  # second build reads the cache: same tensors
+    assert torch.equal(again.tasks[1].train[0], b.tasks[1].train[0])
+    b.epochs = 3
+    r, _ = harness.train_sequence(b, "ewc")
+    assert len(r) == 3 and all(0.0 <= a <= 1.0 for row in r for a in row)
+
+
+def test_balanced_accuracy_weights_classes_equally() -> None:
+    y = torch.tensor([0] * 8 + [1] * 2)
+    task = benchmarks.Task("t", (torch.zeros(10, 1), y, torch.zeros(10, dtype=torch.int64)),
+                           (torch.zeros(10, 1), y, torch.zeros(10, dtype=torch.int64)), 2)
+    always_good = nn.Linear(1, 2)
+    with torch.no_grad():
+        always_good.weight.zero_()
+        always_good.bias.copy_(torch.tensor([1.0, 0.0]))
+    model = type("M", (nn.Module,), {"forward": lambda self, x, t: always_good(x)})()
+    assert harness.accuracy(model, task) == pytest.approx(0.8)
+    assert harness.accuracy(model, task, metric="balanced_accuracy") == pytest.approx(0.5)
+
+
+def test_defects_missing_data_is_a_clear_error(tmp_path: Path, tmp_home: Path) -> None:
+    with pytest.raises(DataError, match="MVTec layout"):
+        benchmarks.defects(data_root=tmp_path)
+
+
+def test_sgd_optimizer_option() -> None:
+    model = nn.Linear(3, 2)
+    tr = harness.make_trainer(model, lr=0.05, optimizer="sgd")
+    assert isinstance(tr.optimizer, torch.optim.SGD) and tr.optimizer.param_groups[0]["lr"] == 0.05
+    with pytest.raises(ConfigError):
+        harness.make_trainer(model, lr=0.05, optimizer="lbfgs")
