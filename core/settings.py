@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     console_host: str = "127.0.0.1"
     console_base_port: int = 8501
     metrics_base_port: int = 9101
+    flower_port: int = 5555  # Flower (queue monitor) beside `verticals up` on Redis/RabbitMQ; 0 = off
+    flower_basic_auth: str | None = None  # "user:password" for Flower; required outside local mode
 
     worker_concurrency: int = 1
     task_soft_time_limit: int = 3600

@@ -37,6 +37,11 @@ def console_command(manifest: SolutionManifest, host: str, port: int) -> list[st
     ]
 
 
+def flower_command(host: str, port: int, basic_auth: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "celery", "-A", "core.queue:app", "flower", f"--address={host}", f"--port={port}"]
+    return cmd + ([f"--basic-auth={basic_auth}"] if basic_auth else [])
+
+
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.3)
@@ -80,6 +85,13 @@ class Supervisor:
                     )
                 self.spawn(f"console-{m.name}", console_command(m, s.console_host, port))
                 urls[m.title] = f"http://{s.console_host}:{port}"
+        # Flower reads worker events, which the embedded filesystem broker cannot broadcast: it runs
+        # beside Redis/RabbitMQ deployments only (`verticals status` shows queue depths in both cases).
+        # Outside local mode it needs VERTICALS_FLOWER_BASIC_AUTH (its API can revoke tasks).
+        if (consoles and not s.embedded_broker and s.flower_port and not port_open(s.console_host, s.flower_port)
+                and (s.flower_basic_auth or s.mode == "local")):
+            self.spawn("flower", flower_command(s.console_host, s.flower_port, s.flower_basic_auth))
+            urls["Flower (queues)"] = f"http://{s.console_host}:{s.flower_port}"
         return urls
 
     def wait_ready(self, urls: dict[str, str], timeout: float = 120.0) -> list[str]:
