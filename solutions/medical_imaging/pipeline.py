@@ -180,12 +180,22 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1) ** gamma
 
 
-def _encode_all(enc: ImageEncoder, images: np.ndarray, history: np.ndarray, bs: int = 128) -> dict[str, np.ndarray]:
+HEADS = ("modality", "plane", "region", "category", "abnormal")
+
+
+def _encode_all(enc: ImageEncoder, images: np.ndarray, history: np.ndarray, bs: int = 128,
+                tta: bool = False) -> dict[str, np.ndarray]:
+    """Encoder outputs for (N, S, S) images. ``tta``: the classification heads' logits are averaged
+    over the image and its left-right mirror (the feature and embedding come from the image itself)."""
     enc.eval()
     outs: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for i in range(0, len(images), bs):
-            o = enc(torch.from_numpy(images[i:i + bs])[:, None], torch.from_numpy(history[i:i + bs]))
+            x, h = torch.from_numpy(images[i:i + bs])[:, None], torch.from_numpy(history[i:i + bs])
+            o = enc(x, h)
+            if tta:
+                o2 = enc(x.flip(-1), h)
+                o = {k: (v + o2[k]) / 2 if k in HEADS else v for k, v in o.items()}
             for k, v in o.items():
                 outs.setdefault(k, []).append(v.float().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
@@ -338,6 +348,7 @@ class Draft:
     abnormal_prob: float
     similar: list[dict[str, Any]] = field(default_factory=list)
     embedding: list[float] = field(default_factory=list)
+    modality_source: str = "image"  # "image" (the modality head) or "dicom" (the DICOM Modality tag)
 
     def text(self) -> str:
         return f"FINDINGS:\n{self.findings}\n\nIMPRESSION:\n{self.impression}\n"
@@ -386,7 +397,7 @@ class Reporter:
 
     def analyse(self, images: np.ndarray, history: Sequence[str]) -> dict[str, np.ndarray]:
         """Encoder outputs for (N, S, S) images in [0, 1] with one history text each."""
-        return _encode_all(self.encoder, images.astype(np.float32), self.embedder(list(history)))
+        return _encode_all(self.encoder, images.astype(np.float32), self.embedder(list(history)), tta=self.cfg.tta)
 
     def draft_batch(self, images: np.ndarray, history: Sequence[str], planes: Sequence[str],
                     modality_hint: Sequence[str | None] | None = None) -> list[Draft]:
@@ -396,7 +407,9 @@ class Reporter:
         p_mod, p_reg = _softmax(o["modality"]), _softmax(o["region"])
         p_cat, p_abn = _softmax(o["category"]), 1 / (1 + np.exp(-o["abnormal"]))
         mod = p_mod.argmax(1)
-        if modality_hint is not None:
+        from_header = np.zeros(len(images), dtype=bool)
+        if modality_hint is not None:  # the DICOM header is authoritative; the image model only fills in
+            from_header = np.array([h in MODALITIES for h in modality_hint])
             mod = np.array([MODALITIES.index(h) if h in MODALITIES else m for h, m in zip(modality_hint, mod, strict=True)])
         reg = p_reg.argmax(1)
         pla = np.array([PLANES.index(p) if p in PLANES else PLANES.index("other") for p in planes])
@@ -417,20 +430,23 @@ class Reporter:
                         "score": float(o["embedding"][i] @ self.gallery["embedding"][j])} for j in top[i]]
             m, r = MODALITIES[int(mod[i])], REGIONS[int(reg[i])]
             abn = float(p_abn[i])
+            m_conf = 1.0 if from_header[i] else float(p_mod[i, int(mod[i])])
+            m_said = "from the DICOM header" if from_header[i] else f"{m_conf:.0%}"
             impression = (
                 f"{'Abnormal' if abn >= 0.5 else 'No definite abnormality'} {m} of the {REGION_WORDS[r]} "
                 f"(abnormal probability {abn:.0%}). Leading finding category: {cat} ({p_cat[i, c]:.0%}). "
-                f"Modality {m} ({p_mod[i, int(mod[i])]:.0%}), region {r} ({p_reg[i, int(reg[i])]:.0%}), "
+                f"Modality {m} ({m_said}), region {r} ({p_reg[i, int(reg[i])]:.0%}), "
                 f"plane {PLANES[int(pla[i])]}. Most similar prior case: {similar[0]['diagnosis'] or 'n/a'}. "
                 "AI draft: to be verified by the reading radiologist.")
             lead = template_caption(m, r, PLANES[int(pla[i])])
             prior_report = str(self.gallery["caption"][prior[i]])
             drafts.append(Draft(
                 findings=f"{lead} {prior_report}", decoder_text=self.vocab.decode(ids[i]),
-                prior_report=prior_report, impression=impression, modality=m, modality_conf=float(p_mod[i, int(mod[i])]), region=r,
+                prior_report=prior_report, impression=impression, modality=m, modality_conf=m_conf, region=r,
                 region_conf=float(p_reg[i, int(reg[i])]), plane=PLANES[int(pla[i])], category=cat,
                 category_conf=float(p_cat[i, c]), abnormal_prob=abn, similar=similar,
-                embedding=o["embedding"][i].round(5).tolist()))
+                embedding=o["embedding"][i].round(5).tolist(),
+                modality_source="dicom" if from_header[i] else "image"))
         return drafts
 
 

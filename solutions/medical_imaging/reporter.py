@@ -31,6 +31,8 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 class ReporterConfig:
     image_size: int = 96
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
+    layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # basic blocks per ResNet stage
+    tta: bool = True  # heads average the image and its mirror at inference
     embed_dim: int = 128  # joint CLIP space
     categories: tuple[str, ...] = ()
     d_model: int = 128
@@ -42,13 +44,15 @@ class ReporterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["channels"], d["categories"] = list(self.channels), list(self.categories)
+        d["channels"], d["categories"], d["layers"] = list(self.channels), list(self.categories), list(self.layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReporterConfig:
         d = dict(d)
         d["channels"], d["categories"] = tuple(d["channels"]), tuple(d["categories"])
+        d["layers"] = tuple(d.get("layers", (1, 1, 1, 1)))
+        d.setdefault("tta", False)  # models saved before TTA existed
         return cls(**d)
 
 
@@ -59,7 +63,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         from monai.networks.nets import ResNet
 
-        self.trunk = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=list(cfg.channels), spatial_dims=2,
+        self.trunk = ResNet(block="basic", layers=list(cfg.layers), block_inplanes=list(cfg.channels), spatial_dims=2,
                             n_input_channels=1, num_classes=0, feed_forward=False, conv1_t_stride=2)
         feat = cfg.channels[-1]
         self.feat_dim = feat

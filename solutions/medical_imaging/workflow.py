@@ -314,7 +314,7 @@ def draft_study(study_uid: str, reporter: Any, force: bool = False) -> ReportVer
     hint = modality.split(",")[0] if modality.split(",")[0] in ("CT", "MR") else None
     draft = reporter.draft_batch(to_model_input(img, reporter.cfg.image_size)[None], [history], [plane],
                                  [hint])[0]
-    details = {k: getattr(draft, k) for k in ("decoder_text", "prior_report", "modality", "modality_conf",
+    details = {k: getattr(draft, k) for k in ("decoder_text", "prior_report", "modality", "modality_conf", "modality_source",
                                               "region", "region_conf", "plane",
                                               "category", "category_conf", "abnormal_prob", "similar")}
     with session_scope() as s:
