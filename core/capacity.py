@@ -25,6 +25,7 @@ Services: the configured database and broker (``--no-managed``, default) or priv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -39,7 +40,7 @@ from typing import Annotated, Any
 
 import typer
 
-from core.errors import DataError, ServiceUnavailable
+from core.errors import DataError
 
 SOLUTIONS = ("industrial_qa", "customer_service", "medical_imaging")
 
@@ -255,7 +256,7 @@ def run_capacity(solutions: list[str], jobs: int = 50, latency_jobs: int = 20, t
                  managed: bool = False, models_from: Path | None = None, workdir: Path | None = None,
                  log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Measure each solution's main task; returns ``{solution: {...figures...} | {"skipped": reason}}``."""
-    from core.chaos import Harness, PrivatePostgres, PrivateRedis, _environment
+    from core.chaos import Harness, _environment, private_services
     from core.settings import get_settings
     from infra.migrate import upgrade
 
@@ -270,17 +271,12 @@ def run_capacity(solutions: list[str], jobs: int = 50, latency_jobs: int = 20, t
     root = Path(workdir or tempfile.mkdtemp(prefix="verticals-capacity-"))
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
-    redis_srv = pg_srv = None
     out: dict[str, Any] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            stack.callback(shutil.rmtree, root, ignore_errors=True)
         if managed:
-            pg_root = Path(tempfile.mkdtemp(prefix="verticals-capacity-pg-"))
-            pg_root.chmod(0o755)
-            redis_srv, pg_srv = PrivateRedis(root / "redis"), PrivatePostgres(pg_root / "pg")
-            redis_srv.start()
-            pg_srv.start()
-            env = {"VERTICALS_DATABASE_URL": pg_srv.url, "VERTICALS_BROKER_URL": f"{redis_srv.url}/0",
-                   "VERTICALS_RESULT_BACKEND": f"{redis_srv.url}/1"}
+            env = dict(stack.enter_context(private_services(root))[2])
         else:
             # A private SQLite + embedded broker under the run's home unless the operator configured
             # external services (then those are measured, with rows for this run only).
@@ -304,7 +300,7 @@ def run_capacity(solutions: list[str], jobs: int = 50, latency_jobs: int = 20, t
                 h = Harness(env=dict(os.environ), log_dir=root)
                 try:
                     name = f"capacity-{sol}"
-                    _start(h, probe.queue, name)
+                    h.start_worker(name, 1, (probe.queue,))
                     h.wait_workers([name], timeout=120)
                     log(f"{sol}: measuring {probe.task} ({probe.model} model) ...")
                     out[sol] = {**measure(probe, jobs, latency_jobs), "broker": backend, "workers": 1,
@@ -312,29 +308,7 @@ def run_capacity(solutions: list[str], jobs: int = 50, latency_jobs: int = 20, t
                 finally:
                     h.stop_all()
                 log(f"{sol}: {json.dumps(out[sol])}")
-    finally:
-        if pg_srv:
-            pg_srv.stop()
-            shutil.rmtree(pg_srv.root.parent, ignore_errors=True)
-        if redis_srv:
-            redis_srv.stop()
-        if workdir is None:
-            shutil.rmtree(root, ignore_errors=True)
     return out
-
-
-def _start(h: Any, queue: str, name: str) -> None:
-    import subprocess
-
-    from core.supervisor import worker_command
-
-    log = open(h.log_dir / f"{name}.log", "ab")  # noqa: SIM115
-    p = subprocess.Popen(worker_command([queue], name, 1, "INFO"), env=h.env, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    h.workers.append(p)
-    time.sleep(0.2)
-    if p.poll() is not None:
-        raise ServiceUnavailable(f"worker for {queue} exited at start; log in {h.log_dir / (name + '.log')}")
 
 
 def register(app: typer.Typer) -> None:

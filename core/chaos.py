@@ -134,6 +134,28 @@ class PrivatePostgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
 
+@contextlib.contextmanager
+def private_services(root: Path) -> Iterator[tuple[PrivateRedis, PrivatePostgres, dict[str, str]]]:
+    """Private Redis (append-only, fsync always) + PostgreSQL for one run, stopped and removed after.
+
+    Yields the two servers and the ``VERTICALS_*`` variables that point settings at them.
+    """
+    # PostgreSQL runs as the postgres user when we are root: its folder must be reachable by that
+    # user, which a caller's private temp folder (pytest's are 0700) may not be.
+    pg_root = Path(tempfile.mkdtemp(prefix="verticals-pg-"))
+    pg_root.chmod(0o755)
+    redis_srv, pg_srv = PrivateRedis(root / "redis"), PrivatePostgres(pg_root / "pg")
+    try:
+        redis_srv.start()
+        pg_srv.start()
+        yield redis_srv, pg_srv, {"VERTICALS_DATABASE_URL": pg_srv.url, "VERTICALS_BROKER_URL": f"{redis_srv.url}/0",
+                                  "VERTICALS_RESULT_BACKEND": f"{redis_srv.url}/1"}
+    finally:
+        pg_srv.stop()
+        shutil.rmtree(pg_root, ignore_errors=True)
+        redis_srv.stop()
+
+
 # ---------------------------------------------------------------- the harness
 @dataclass
 class Harness:
@@ -141,10 +163,10 @@ class Harness:
     log_dir: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start_worker(self, name: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, concurrency: int = 1, queues: tuple[str, ...] = ("platform",)) -> subprocess.Popen[bytes]:
         from core.supervisor import worker_command
 
-        cmd = worker_command(["platform"], name, concurrency, "INFO")
+        cmd = worker_command(list(queues), name, concurrency, "INFO")
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
         p = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(p)
@@ -328,18 +350,11 @@ def run_chaos(scenarios: list[str], managed: bool = True, redis_restart_cmd: str
     root = Path(workdir or tempfile.mkdtemp(prefix="verticals-chaos-"))
     root.chmod(0o755)  # the private PostgreSQL runs as the postgres user and must traverse it
     results: dict[str, Any] = {}
-    redis_srv = pg_srv = None
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        redis_srv = pg_srv = None
         if managed:
-            # PostgreSQL runs as the postgres user when we are root: its folder must be reachable by
-            # that user, which a caller's private temp folder (pytest's are 0700) may not be.
-            pg_root = Path(tempfile.mkdtemp(prefix="verticals-chaos-pg-"))
-            pg_root.chmod(0o755)
-            redis_srv, pg_srv = PrivateRedis(root / "redis"), PrivatePostgres(pg_root / "pg")
-            redis_srv.start()
-            pg_srv.start()
-            env = {"VERTICALS_DATABASE_URL": pg_srv.url, "VERTICALS_BROKER_URL": f"{redis_srv.url}/0",
-                   "VERTICALS_RESULT_BACKEND": f"{redis_srv.url}/1"}
+            redis_srv, pg_srv, env = stack.enter_context(private_services(root))
         else:
             s = get_settings()
             env = {"VERTICALS_DATABASE_URL": s.effective_database_url, "VERTICALS_BROKER_URL": s.effective_broker_url,
@@ -376,13 +391,6 @@ def run_chaos(scenarios: list[str], managed: bool = True, redis_restart_cmd: str
                     h.stop_all()
                 results[name]["wall_s"] = round(time.monotonic() - t0, 1)
                 _log(f"{name}: {json.dumps(results[name])}")
-    finally:
-        if pg_srv:
-            pg_srv.stop()
-            shutil.rmtree(pg_srv.root.parent, ignore_errors=True)
-        if redis_srv:
-            redis_srv.stop()
-        shutil.rmtree(root, ignore_errors=True)
     return results
 
 
