@@ -40,6 +40,8 @@ from solutions.customer_service.encoder import DIM, MiniLMEncoder
 STATUS = ("carry", "update", "dontcare", "copy")
 MAX_PAIR_TOKENS = 96
 MAX_SPAN_TOKENS = 12
+# "Just one, please" must match the categorical value "1".
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
 @dataclass
@@ -54,6 +56,10 @@ class TrackerConfig:
     trained_services: list[str] = field(default_factory=list)
     # Optional additive logit bias for the status head (prior correction); None = argmax as trained.
     status_logit_bias: list[float] | None = None
+    # Additive logit for keeping the previous active intent (chosen on held-out SGD *train* dialogues).
+    intent_stay_bias: float = 0.0
+    # Architecture tag: a stored model of another architecture must be retrained, not half-loaded.
+    arch: str = "slot-reader-v2"
 
 
 def mlp(n_in: int, hidden: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -68,10 +74,46 @@ class TrackerHeads(nn.Module):
         super().__init__()
         h, p = cfg.hidden, cfg.dropout
         self.intent = mlp(5 * DIM + 1, h, 1, p)
-        self.request = mlp(3 * DIM, h, 1, p)
-        self.status = mlp(5 * DIM + 2, h, len(STATUS), p)
+        self.slot = SlotReader(h, p)
         self.value = mlp(5 * DIM + 2, h, 1, p)
         self.span = SpanHead(h // 2)
+
+
+class SlotReader(nn.Module):
+    """Per (turn, slot): status {carry, update, dontcare, copy} and "requested" from slot-conditioned
+    attention over the user tokens and, separately, the system tokens.
+
+    Mean-pooled sentence vectors cannot say *which* slot a turn mentions ("fly from Chicago" is the
+    origin, not the destination); attention with the slot description as query reads the tokens that
+    matter for that slot. Inputs: h (B, T, 384) tokens, seg (B, T) 0 user / 1 system, mask (B, T),
+    d (B, 384) slot description, u/s (B, 384) sentence vectors, has/cat (B,) flags.
+    Returns status logits (B, 4) and request logits (B,).
+    """
+
+    def __init__(self, hidden: int, dropout: float, width: int = 128) -> None:
+        super().__init__()
+        self.width = width
+        self.key = nn.Sequential(nn.LayerNorm(DIM), nn.Linear(DIM, 2 * width))
+        self.query = nn.Sequential(nn.LayerNorm(DIM), nn.Linear(DIM, 2 * width))
+        self.out = mlp(7 * DIM + 4, hidden, len(STATUS) + 1, dropout)
+
+    def forward(self, h: torch.Tensor, seg: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, u: torch.Tensor,
+                s: torch.Tensor, has: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = h.shape
+        k = self.key(h).view(b, t, 2, self.width)
+        q = self.query(d).view(b, 1, 2, self.width)
+        att = (k * q).sum(-1) / self.width**0.5  # (B, T, 2): user query, system query
+        pooled, present = [], []
+        for side in (0, 1):
+            ok = mask & (seg == side)  # (B, T)
+            a = torch.softmax(att[..., side].masked_fill(~ok, -1e4), -1) * ok
+            pooled.append(nn.functional.normalize(torch.einsum("bt,btd->bd", a, h), dim=-1))
+            present.append(att[..., side].masked_fill(~ok, -1e4).max(-1).values.clamp(min=-10.0)[:, None]
+                           * ok.any(-1, keepdim=True))
+        pu, ps = pooled
+        x = torch.cat([u, s, d, pu, ps, pu * d, ps * d, has[:, None], cat[:, None], *present], -1)
+        o = self.out(x)
+        return o[:, : len(STATUS)], o[:, len(STATUS)]
 
 
 class SpanHead(nn.Module):
@@ -97,11 +139,6 @@ class SpanHead(nn.Module):
 def intent_features(u: torch.Tensor, s: torch.Tensor, d: torch.Tensor, was: torch.Tensor) -> torch.Tensor:
     """(N,384)x3 + (N,) -> (N, 5*384+1)."""
     return torch.cat([u, s, d, u * d, s * d, was[:, None]], -1)
-
-
-def status_features(u: torch.Tensor, s: torch.Tensor, d: torch.Tensor, has: torch.Tensor,
-                    cat: torch.Tensor) -> torch.Tensor:
-    return torch.cat([u, s, d, u * d, s * d, has[:, None], cat[:, None]], -1)
 
 
 # ------------------------------------------------------------------------------------ schema text
@@ -285,7 +322,11 @@ class DialogueStateTracker:
 
         if not (folder / "heads.safetensors").exists():
             raise ModelNotReady(f"no trained tracker in {folder}; run `verticals customer-service train --task dst`")
-        cfg = TrackerConfig(**json.loads((folder / "config.json").read_text()))
+        raw = json.loads((folder / "config.json").read_text())
+        if raw.get("arch") != TrackerConfig.arch:
+            raise ModelNotReady(f"the tracker in {folder} has an older architecture ({raw.get('arch', 'v1')}); "
+                                "retrain it: `verticals customer-service train --task dst`")
+        cfg = TrackerConfig(**raw)
         heads = TrackerHeads(cfg)
         heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
         return cls(heads, cfg, encoder)
@@ -305,6 +346,11 @@ class DialogueStateTracker:
         u = torch.from_numpy(feats.u).float()
         s = torch.from_numpy(feats.s).float()
         h = torch.from_numpy(feats.h).float()
+        if h.shape[0] == 0:  # nothing to read (cannot happen for real text; keeps shapes valid)
+            h, feats = torch.zeros(1, DIM), TurnFeatures(feats.u, feats.s, np.zeros((1, DIM), np.float16),
+                                                         np.zeros(1, np.int8), [(0, 0)])
+        seg = torch.from_numpy(feats.seg.astype(np.int64))[None]
+        mask = torch.ones_like(seg, dtype=torch.bool)
         bank.ensure(services)
         for svc in services:
             schema = bank.schemas[svc]
@@ -316,16 +362,18 @@ class DialogueStateTracker:
             was = torch.tensor([float(n == prev["active_intent"]) for n in names])
             n = len(names)
             logits = self.heads.intent(intent_features(u.expand(n, -1), s.expand(n, -1), d, was)).squeeze(-1)
+            if prev["active_intent"] != "NONE":
+                logits = logits + self.cfg.intent_stay_bias * was
             frame["active_intent"] = names[int(logits.argmax())]
-            # requested slots + status
+            # requested slots + status: one slot-conditioned read of the turn's tokens per slot
             slots = schema["slots"]
             ds = torch.stack([bank.slot(svc, sl["name"]) for sl in slots])
             k = len(slots)
-            req = self.heads.request(torch.cat([u.expand(k, -1), ds, u * ds], -1)).squeeze(-1)
-            frame["requested_slots"] = [sl["name"] for sl, r in zip(slots, req.tolist(), strict=True) if r > 0]
             has = torch.tensor([float(sl["name"] in prev["slot_values"]) for sl in slots])
             cat = torch.tensor([float(bool(sl.get("is_categorical"))) for sl in slots])
-            st_logits = self.heads.status(status_features(u.expand(k, -1), s.expand(k, -1), ds, has, cat))
+            st_logits, req = self.heads.slot(h.expand(k, -1, -1), seg.expand(k, -1), mask.expand(k, -1), ds,
+                                             u.expand(k, -1), s.expand(k, -1), has, cat)
+            frame["requested_slots"] = [sl["name"] for sl, r in zip(slots, req.tolist(), strict=True) if r > 0]
             if self.cfg.status_logit_bias:
                 st_logits = st_logits + torch.tensor(self.cfg.status_logit_bias)
             st = st_logits.argmax(-1)
@@ -422,7 +470,8 @@ def lexical_features(values: Sequence[str], user: str, system: str) -> torch.Ten
     ul, sl = user.lower(), system.lower()
 
     def occurs(v: str, text: str) -> float:
-        return float(bool(re.search(rf"(?<!\w){re.escape(v.lower())}(?!\w)", text)))
+        forms = [v.lower()] + ([NUMBER_WORDS[int(v)]] if v.isdigit() and int(v) < len(NUMBER_WORDS) else [])
+        return float(any(re.search(rf"(?<!\w){re.escape(f)}(?!\w)", text) for f in forms))
 
     return torch.tensor([[occurs(v, ul), occurs(v, sl)] for v in values], dtype=torch.float32)
 

@@ -28,7 +28,6 @@ from solutions.customer_service.dst import (
     encode_pairs,
     intent_features,
     lexical_features,
-    status_features,
 )
 from solutions.customer_service.encoder import MiniLMEncoder
 
@@ -36,8 +35,8 @@ from solutions.customer_service.encoder import MiniLMEncoder
 @dataclass
 class Examples:
     intent: list[tuple[int, list[int], list[float], int]] = field(default_factory=list)
-    request: list[tuple[int, Any, float]] = field(default_factory=list)
-    status: list[tuple[int, Any, float, float, int]] = field(default_factory=list)
+    # (turn, slot description row, has value, categorical, status label, requested)
+    status: list[tuple[int, Any, float, float, int, float]] = field(default_factory=list)
     value: list[tuple[int, list[Any], Any, int]] = field(default_factory=list)
     span: list[tuple[int, Any, int, int]] = field(default_factory=list)
 
@@ -73,7 +72,6 @@ def build_examples(dialogues: list[dict[str, Any]], feats: list[TurnFeatures], b
                                       names.index(st["active_intent"])))
                 for sl in schema["slots"]:
                     name, dsl = sl["name"], bank.slot_row(svc, sl["name"])
-                    ex.request.append((k, dsl, float(name in st["requested_slots"])))
                     new, old = st["slot_values"].get(name), p["slot_values"].get(name)
                     cat = bool(sl.get("is_categorical"))
                     label = 0
@@ -87,7 +85,13 @@ def build_examples(dialogues: list[dict[str, Any]], feats: list[TurnFeatures], b
                             sp = _find_span(new, f, fr, sys_turn, user, system, name)
                             if sp is not None:
                                 ex.span.append((k, dsl, sp[0], sp[1]))
-                    ex.status.append((k, dsl, float(old is not None), float(cat), label))
+                            else:
+                                # The value is nowhere in this (user, system) pair (e.g. accepted from an
+                                # offer several turns back): unreachable for a span, so teaching "update"
+                                # here only teaches false updates.
+                                label = 0
+                    ex.status.append((k, dsl, float(old is not None), float(cat), label,
+                                      float(name in st["requested_slots"])))
                 cur[svc] = st
             prev = cur
             k += 1
@@ -133,10 +137,6 @@ def _find_span(new: list[str], f: TurnFeatures, fr: dict[str, Any], sys_turn: di
 
 
 # ----------------------------------------------------------------------------------------- loops
-def status_weights(counts: torch.Tensor) -> torch.Tensor:
-    """sqrt inverse-frequency class weights (capped) for the status head."""
-    return (counts.sum() / (counts + 1.0)).clamp(max=20.0) ** 0.5
-
 def _batches(n: int, bs: int, rng: random.Random) -> list[list[int]]:
     idx = list(range(n))
     rng.shuffle(idx)
@@ -163,9 +163,9 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=1e-4)
     heads.train()
     ce, bce = nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()
-    counts = torch.bincount(torch.tensor([e[4] for e in ex.status]), minlength=len(STATUS)).float()
-    status_w = status_weights(counts)
-    status_ce = nn.CrossEntropyLoss(weight=status_w)
+    # Unweighted: every false "update" breaks the joint goal for the rest of the dialogue, so the
+    # head must not be pushed towards the rare classes (sqrt inverse-frequency weights doubled them).
+    status_ce = nn.CrossEntropyLoss()
 
     # Index tensors, built once: a batch is a gather, not a Python loop.
     def padded(groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,11 +178,10 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     it_d, it_m = padded([e[1] for e in ex.intent])
     it_w = torch.tensor([e[2] + [0.0] * (it_d.shape[1] - len(e[2])) for e in ex.intent])
     it_y = torch.tensor([e[3] for e in ex.intent])
-    rq = torch.tensor([[e[0], e[1]] for e in ex.request])
-    rq_y = torch.tensor([e[2] for e in ex.request])
     st = torch.tensor([[e[0], e[1]] for e in ex.status])
     st_f = torch.tensor([[e[2], e[3]] for e in ex.status])
     st_y = torch.tensor([e[4] for e in ex.status])
+    rq_y = torch.tensor([e[5] for e in ex.status])
     if ex.value:
         va_k = torch.tensor([e[0] for e in ex.value])
         va_d, va_m = padded([e[1] for e in ex.value])
@@ -201,16 +200,19 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         lg = heads.intent(x).view(n, m).masked_fill(~it_m[bt], -1e4)
         return ce(lg, it_y[bt])
 
-    def loss_request(b: list[int]) -> torch.Tensor:
-        r = rq[torch.tensor(b)]
-        u, d = U[r[:, 0]], M[r[:, 1]]
-        return bce(heads.request(torch.cat([u, d, u * d], -1)).squeeze(-1), rq_y[torch.tensor(b)])
+    def tokens(ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hs = [torch.from_numpy(feats[int(i)].h).float() for i in ks]
+        sg = [torch.from_numpy(feats[int(i)].seg.astype(np.int64)) for i in ks]
+        h = nn.utils.rnn.pad_sequence(hs, batch_first=True)  # (B, T, 384)
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in hs], batch_first=True)
+        return h, nn.utils.rnn.pad_sequence(sg, batch_first=True), mask
 
     def loss_status(b: list[int]) -> torch.Tensor:
         bt = torch.tensor(b)
         r, f = st[bt], st_f[bt]
-        x = status_features(U[r[:, 0]], S[r[:, 0]], M[r[:, 1]], f[:, 0], f[:, 1])
-        return status_ce(heads.status(x), st_y[bt])
+        h, seg, mask = tokens(r[:, 0])
+        lg, rq = heads.slot(h, seg, mask, M[r[:, 1]], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1])
+        return status_ce(lg, st_y[bt]) + bce(rq, rq_y[bt])
 
     def loss_value(b: list[int]) -> torch.Tensor:
         bt = torch.tensor(b)
@@ -230,8 +232,8 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         return ce(lg[..., 0], r[:, 2]) + ce(lg[..., 1], r[:, 3])
 
     bs = cfg.batch_size
-    plan = [("intent", loss_intent, len(ex.intent), bs // 2), ("request", loss_request, len(ex.request), bs * 2),
-            ("status", loss_status, len(ex.status), bs * 2), ("value", loss_value, len(ex.value), bs // 2),
+    plan = [("intent", loss_intent, len(ex.intent), bs // 2),
+            ("status", loss_status, len(ex.status), bs // 4), ("value", loss_value, len(ex.value), bs // 2),
             ("span", loss_span, len(ex.span), bs // 8)]
     steps = [(name, fn, b) for _ in range(cfg.epochs) for name, fn, n, bs in plan for b in _batches(n, bs, rng)]
     rng.shuffle(steps)  # interleave heads (they share no weights, but one bar for all)

@@ -41,7 +41,17 @@ def model_folder(task: str, dataset: str) -> Path:
 
 def is_trained(task: str, dataset: str) -> bool:
     marker = {"dst": "heads.safetensors", "intents": "classifier.pkl", "actions": "actions.pkl"}[task]
-    return (model_folder(task, dataset) / marker).exists()
+    folder = model_folder(task, dataset)
+    if task == "dst" and (folder / marker).exists():
+        import json
+
+        from solutions.customer_service.dst import TrackerConfig
+
+        try:  # a tracker of an older architecture counts as "not trained" (evaluate retrains it)
+            return json.loads((folder / "config.json").read_text()).get("arch") == TrackerConfig.arch
+        except (OSError, ValueError):
+            return False
+    return (folder / marker).exists()
 
 
 def _check(task: str, dataset: str, table: dict[str, tuple[str, ...]]) -> None:
