@@ -71,7 +71,7 @@ def ingest(
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="A MedPix-layout folder (images_train.jsonl, cases_train.jsonl, images/).")],
-    enc_epochs: Annotated[int, typer.Option(help="Image-encoder epochs.")] = 15,
+    enc_epochs: Annotated[int, typer.Option(help="Image-encoder epochs.")] = 30,
     dec_epochs: Annotated[int, typer.Option(help="Report-decoder epochs.")] = 15,
     out: Annotated[Path | None, typer.Option(help="Model folder (default: VERTICALS_HOME/models/medical_imaging/reporter).")] = None,
 ) -> None:

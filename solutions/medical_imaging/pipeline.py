@@ -48,6 +48,8 @@ N_RETRIEVED = 3
 # Findings composition (chosen on the dev split among 6 variants; see README): consensus re-ranking of
 # the CONSENSUS_K nearest training reports, preferring reports of <= LONG_WORDS words.
 CONSENSUS_K, LONG_WORDS, IMAGE_WEIGHT, LONG_PENALTY = 40, 25, 0.5, 1.0
+# Image-encoder training defaults, chosen on a case-disjoint 20 % of TRAIN (README "Model").
+IMAGE_SIZE, ENC_EPOCHS, HISTORY_DROP, HISTORY_DROPOUT, LABEL_SMOOTHING, AUGMENT = 128, 30, 0.5, 0.3, 0.1, "shift"
 ProgressFn = Callable[..., Any]
 
 
@@ -183,6 +185,22 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 HEADS = ("modality", "plane", "region", "category", "abnormal")
 
 
+def _augment_affine(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random rotation (+-12 deg), zoom (+-15 %), shift (+-6 %), flip, gamma and contrast, batched."""
+    B = x.shape[0]
+    ang = (torch.rand(B, generator=gen) * 2 - 1) * math.radians(12)
+    scale = torch.exp((torch.rand(B, generator=gen) * 2 - 1) * 0.15)
+    shift = (torch.rand(B, 2, generator=gen) * 2 - 1) * 0.12
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    out = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    flip = torch.rand(B, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    gamma = torch.exp(torch.randn(B, 1, 1, 1, generator=gen) * 0.25)
+    contrast = 1 + torch.randn(B, 1, 1, 1, generator=gen) * 0.1
+    return ((out.clamp(0, 1) ** gamma) * contrast).clamp(0, 1)
+
+
 def _encode_all(enc: ImageEncoder, images: np.ndarray, history: np.ndarray, bs: int = 128,
                 tta: bool = False) -> dict[str, np.ndarray]:
     """Encoder outputs for (N, S, S) images. ``tta``: the classification heads' logits are averaged
@@ -220,10 +238,19 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(max(1, int(n or os.environ.get("VERTICALS_MEDICAL_IMAGING_THREADS", 1))))
 
 
-def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 15, dec_epochs: int = 15,
+def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = ENC_EPOCHS, dec_epochs: int = 15,
                    limit: int | None = None, seed: int = 0, progress: ProgressFn | None = None,
-                   log: Callable[[str], None] = lambda m: None, threads: int | None = None) -> dict[str, Any]:
-    """Train encoder (heads + CLIP) then decoder on the ``train`` split; write the model folder."""
+                   log: Callable[[str], None] = lambda m: None, threads: int | None = None,
+                   image_size: int = IMAGE_SIZE, history_drop: float = HISTORY_DROP,
+                   label_smoothing: float = LABEL_SMOOTHING, augment: str = AUGMENT,
+                   history_dropout: float = HISTORY_DROPOUT) -> dict[str, Any]:
+    """Train encoder (heads + CLIP) then decoder on the ``train`` split; write the model folder.
+
+    Defaults (chosen on a case-disjoint 20 % of TRAIN, see README): 128 px input, ``enc_epochs``
+    encoder epochs, the clinical history withheld from the heads for ``history_drop`` of the batches
+    plus ``history_dropout`` on it (the region head otherwise memorises the per-case history), label smoothing on
+    the modality/region heads, ``augment`` "affine" (rotation/zoom/shift/flip/intensity) or "shift".
+    """
     set_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -238,7 +265,9 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
         counts[s.category] = counts.get(s.category, 0) + 1
     cats = tuple(sorted(c for c, n in counts.items() if n >= 15)) + ("other",)
     vocab = Vocab.build([s.caption for s in train], min_count=2 if len(train) > 500 else 1)
-    cfg = ReporterConfig(categories=cats, vocab=vocab.ids)
+    cfg = ReporterConfig(categories=cats, vocab=vocab.ids, image_size=image_size,
+                         history_dropout=history_dropout)
+    aug = _augment_affine if augment == "affine" else _augment
     emb = CachedEmbedder(out / "text_cache.npz")
     log(f"embedding {len(train)} training reports with MiniLM")
     A = _arrays(train, cfg, emb, progress)
@@ -260,12 +289,12 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
             idx = perm[i:i + bs]
             if len(idx) < 2:
                 continue
-            x = _augment(T["images"][idx][:, None], gen)
-            hist = T["history"][idx] * (torch.rand(len(idx), 1, generator=gen) > 0.3).float()
+            x = aug(T["images"][idx][:, None], gen)
+            hist = T["history"][idx] * (torch.rand(len(idx), 1, generator=gen) > history_drop).float()
             o = enc(x, hist)
             g = T["caption_group"][idx]
-            loss = (F.cross_entropy(o["modality"], T["modality"][idx])
-                    + F.cross_entropy(o["region"], T["region"][idx])
+            loss = (F.cross_entropy(o["modality"], T["modality"][idx], label_smoothing=label_smoothing)
+                    + F.cross_entropy(o["region"], T["region"][idx], label_smoothing=label_smoothing)
                     + 0.5 * F.cross_entropy(o["plane"], T["plane"][idx])
                     + 0.5 * F.cross_entropy(o["category"], T["category"][idx])
                     + 0.3 * F.binary_cross_entropy_with_logits(o["abnormal"], T["abnormal"][idx])

@@ -33,6 +33,7 @@ class ReporterConfig:
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
     layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # basic blocks per ResNet stage
     tta: bool = True  # heads average the image and its mirror at inference
+    history_dropout: float = 0.0  # dropout on the history embedding and its projection (training only)
     embed_dim: int = 128  # joint CLIP space
     categories: tuple[str, ...] = ()
     d_model: int = 128
@@ -63,6 +64,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
         from monai.networks.nets import ResNet
 
+        self.cfg = cfg
+
         self.trunk = ResNet(block="basic", layers=list(cfg.layers), block_inplanes=list(cfg.channels), spatial_dims=2,
                             n_input_channels=1, num_classes=0, feed_forward=False, conv1_t_stride=2)
         feat = cfg.channels[-1]
@@ -84,7 +87,9 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
         """``history`` (B, 384) MiniLM embedding of the clinical history (zeros when absent)."""
         f = self.features(x)  # (B, F)
-        fh = torch.cat([f, self.history(history)], dim=-1)  # (B, 2F)
+        p = self.cfg.history_dropout
+        h = F.dropout(self.history(F.dropout(history, p, self.training)), p, self.training)
+        fh = torch.cat([f, h], dim=-1)  # (B, 2F)
         return {
             "feature": f,
             "modality": self.modality(f),

@@ -90,7 +90,7 @@ def _mark_failed(study_uid: str, reason: str) -> None:
 
 
 @app.task(name="medical_imaging.train_default")
-def train_default(job_key: str, data: str = "medical/medpix2", enc_epochs: int = 15,
+def train_default(job_key: str, data: str = "medical/medpix2", enc_epochs: int = 30,
                   dec_epochs: int = 15) -> dict[str, Any]:
     from core.jobs import JobReporter, progress
     from core.settings import get_settings
