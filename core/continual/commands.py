@@ -21,7 +21,8 @@ BENCHMARK_CHOICES = ("permuted-digits", "intents", "defects")
 
 def continual_eval(
     benchmark: Annotated[str, typer.Option(help="permuted-digits | intents | defects")] = "permuted-digits",
-    method: Annotated[str, typer.Option(help="naive | ewc | online-ewc | lora | replay")] = "ewc",
+    method: Annotated[str, typer.Option(help="naive | ewc | online-ewc | lora | replay, or a comma list "
+                                        "(one shared naive/joint reference; one JSON line per method)")] = "ewc",
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON result on stdout.")] = False,
     out: Annotated[Path | None, typer.Option(help="Folder for the JSON and PNG plots.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for model init and batch order.")] = 0,
@@ -41,8 +42,10 @@ def continual_eval(
     from core.continual import benchmarks, harness
     from core.settings import get_settings
 
-    if method not in METHOD_CHOICES:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHOD_CHOICES)}")
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHOD_CHOICES]
+    if bad or not methods:
+        raise ConfigError(f"unknown method {(bad or [method])[0]!r}; choose from {', '.join(METHOD_CHOICES)}")
     if benchmark not in BENCHMARK_CHOICES:
         raise ConfigError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARK_CHOICES)}")
     torch.set_num_threads(threads)
@@ -59,18 +62,25 @@ def continual_eval(
     if ewc_lambda is not None:
         bench.ewc_lambda = ewc_lambda
     if only_timing:
-        mode = "online" if method == "online-ewc" else "separate"
-        result = {"benchmark": bench.name, "method": method, "mode": mode,
-                  **harness.step_time_ratio(bench, mode, seed=seed)}
-        typer.echo(json.dumps(result))
+        for m in methods:
+            mode = "online" if m == "online-ewc" else "separate"
+            typer.echo(json.dumps({"benchmark": bench.name, "method": m, "mode": mode,
+                                   **harness.step_time_ratio(bench, mode, seed=seed)}))
         return
     out_dir = out or get_settings().home / "reports" / "continual"
-    result = harness.run(bench, method, seed=seed, out_dir=out_dir, timing=timing)
-    if not as_json:
-        typer.echo(f"{bench.name} / {method}: average accuracy {result['average_accuracy']:.4f} "
-                   f"(joint {result['joint_accuracy']:.4f}, naive {result['naive_average_accuracy']:.4f}), "
-                   f"forgetting {result['forgetting']:.4f}; plots: {', '.join(result['plots'])}")
-    typer.echo(json.dumps(result))
+    refs = None
+    if len(methods) > 1:
+        from tqdm import tqdm
+
+        with tqdm(total=len(bench.tasks) + 1, desc=f"{bench.name}: naive+joint references") as bar:
+            refs = harness.references(bench, seed=seed, bar=bar)
+    for m in methods:
+        result = harness.run(bench, m, seed=seed, out_dir=out_dir, timing=timing, refs=refs)
+        if not as_json:
+            typer.echo(f"{bench.name} / {m}: average accuracy {result['average_accuracy']:.4f} "
+                       f"(joint {result['joint_accuracy']:.4f}, naive {result['naive_average_accuracy']:.4f}), "
+                       f"forgetting {result['forgetting']:.4f}; plots: {', '.join(result['plots'])}")
+        typer.echo(json.dumps(result))
 
 
 def register(app: typer.Typer) -> None:

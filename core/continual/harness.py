@@ -204,7 +204,8 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     """EWC vs plain training step time, interleaved rounds on copies of one model and the same batches.
 
     The EWC hook is first consolidated on every task (separate mode then holds T Fisher/anchor pairs).
-    Both ways of applying the penalty are timed: ``apply="grad"`` (the default) and ``apply="loss"``.
+    Every way of applying the penalty is timed (``grad``, ``loss``, ``prox``) with the benchmark's
+    optimizer; ``ewc_step_time_ratio`` is the one the benchmark uses (``bench.ewc_apply``).
     """
     torch.manual_seed(seed)
     model = bench.make_model().to(device)
@@ -212,25 +213,29 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
               consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
     for task in bench.tasks:
         ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
-    ewc_loss = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply="loss",
-                   consolidate_at_task_end=False)
-    ewc_loss.load_state_dict(ewc.state_dict())
-    timers = {k: _StepTimer() for k in ("plain", "grad", "loss")}
-    trainers = {
-        "plain": make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[timers["plain"]], device=device),
-        "grad": make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[timers["grad"], ewc], device=device),
-        "loss": make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[timers["loss"], ewc_loss], device=device),
-    }
+    applies = ("grad", "loss", "prox")
+    hooks: dict[str, list[TrainerHook]] = {"plain": []}
+    for apply in applies:
+        h = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply=apply,  # type: ignore[arg-type]
+                consolidate_at_task_end=False)
+        h.load_state_dict(ewc.state_dict())
+        hooks[apply] = [h]
+    timers = {k: _StepTimer() for k in hooks}
+    trainers = {k: make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[timers[k], *h], device=device,
+                                optimizer=bench.optimizer) for k, h in hooks.items()}
     loader = TensorLoader(bench.tasks[-1].train, bench.batch_size, seed=seed)
     for _ in range(rounds):
         for trainer in trainers.values():
             trainer.fit(loader, max_steps=steps, task_id="timing")
     # drop the first round of each (allocator and cache warm-up)
     med = {k: statistics.median(t.times[steps:]) for k, t in timers.items()}
-    return {"plain_step_ms": 1e3 * med["plain"], "ewc_step_ms": 1e3 * med["grad"],
-            "ewc_step_time_ratio": med["grad"] / med["plain"],
-            "ewc_loss_path_step_ms": 1e3 * med["loss"],
-            "ewc_loss_path_step_time_ratio": med["loss"] / med["plain"]}
+    used = bench.ewc_apply if bench.ewc_apply in applies else "grad"
+    out = {"plain_step_ms": 1e3 * med["plain"], "ewc_step_ms": 1e3 * med[used],
+           "ewc_step_time_ratio": med[used] / med["plain"], "ewc_apply": used,
+           "ewc_loss_path_step_ms": 1e3 * med["loss"],
+           "ewc_loss_path_step_time_ratio": med["loss"] / med["plain"]}
+    out.update({f"ewc_{a}_step_time_ratio": med[a] / med["plain"] for a in applies})
+    return out
 
 
 def _plots(result: dict[str, Any], task_names: list[str], stem: Path) -> list[str]:
@@ -273,20 +278,41 @@ def _plots(result: dict[str, Any], task_names: list[str], stem: Path) -> list[st
     return [str(heat), str(curves)]
 
 
+References = tuple[tuple[list[list[float]], list[float]], list[float]]  # (naive (R, b), joint per task)
+
+
+def references(bench: Benchmark, *, seed: int = 0, device: str = "cpu", bar: tqdm | None = None) -> References:
+    """The naive fine-tuning run and the joint-training accuracies, to share between several methods."""
+    naive = train_sequence(bench, "naive", seed=seed, device=device, bar=bar)
+    joint = train_joint(bench, seed=seed, device=device)
+    if bar is not None:
+        bar.update(1)
+    return naive, joint
+
+
 def run(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu", out_dir: Path | None = None,
-        timing: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The whole evaluation: the method, the naive and joint references, metrics, plots, JSON."""
+        timing: bool = True, log: Callable[[str], None] | None = None,
+        refs: References | None = None) -> dict[str, Any]:
+    """The whole evaluation: the method, the naive and joint references, metrics, plots, JSON.
+
+    ``refs`` (from :func:`references` with the same benchmark and seed) skips retraining the references
+    when several methods are compared in one run."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     t0 = time.perf_counter()
     n = len(bench.tasks)
-    runs = [method] if method == "naive" else [method, "naive"]
-    with tqdm(total=n * len(runs) + 1, desc=f"{bench.name}: {'+'.join(runs)}+joint", file=None) as bar:
+    runs = [method] if method == "naive" or refs is not None else [method, "naive"]
+    total = n * len(runs) + (0 if refs is not None else 1)
+    desc = f"{bench.name}: {'+'.join(runs)}" + ("" if refs is not None else "+joint")
+    with tqdm(total=total, desc=desc, file=None) as bar:
         matrix, base = train_sequence(bench, method, seed=seed, device=device, bar=bar)
-        naive = (matrix, base) if method == "naive" else train_sequence(bench, "naive", seed=seed, device=device,
-                                                                        bar=bar)
-        joint = train_joint(bench, seed=seed, device=device)
-        bar.update(1)
+        if refs is None:
+            if method == "naive":
+                refs = ((matrix, base), train_joint(bench, seed=seed, device=device))
+                bar.update(1)
+            else:
+                refs = references(bench, seed=seed, device=device, bar=bar)
+    naive, joint = refs
     result: dict[str, Any] = {"benchmark": bench.name, "method": method, "accuracy_matrix": matrix,
                               **metrics(matrix, base)}
     naive_m = metrics(*naive)

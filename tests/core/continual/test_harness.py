@@ -67,7 +67,22 @@ def test_unknown_method_is_a_clear_error() -> None:
         harness.train_sequence(benchmarks.permuted_digits(n_tasks=2), "distill")
 
 
-def test_cli_continual_eval_prints_json_last(tmp_path: Path, tmp_home: Path) -> None:
+@pytest.fixture
+def small_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI path end to end, on a 64-wide MLP and a short timing loop (the suite stays fast)."""
+    load, timing = benchmarks.load, harness.step_time_ratio
+
+    def small_load(name: str, **kw: object) -> benchmarks.Benchmark:
+        b = load(name, **kw)
+        b.make_model = lambda: benchmarks.MLP(64, 64, 10)
+        b.fisher_samples = 64
+        return b
+
+    monkeypatch.setattr(benchmarks, "load", small_load)
+    monkeypatch.setattr(harness, "step_time_ratio", lambda *a, **k: timing(*a, **{**k, "rounds": 2, "steps": 4}))
+
+
+def test_cli_continual_eval_prints_json_last(tmp_path: Path, tmp_home: Path, small_cli: None) -> None:
     from core.cli import app
 
     res = CliRunner().invoke(app, ["core", "continual-eval", "--benchmark", "permuted-digits", "--method",
@@ -77,7 +92,8 @@ def test_cli_continual_eval_prints_json_last(tmp_path: Path, tmp_home: Path) -> 
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["benchmark"] == "permuted-digits" and out["method"] == "online-ewc"
     assert len(out["accuracy_matrix"]) == 2
-    assert out["ewc_step_time_ratio"] > 0
+    assert out["ewc_step_time_ratio"] > 0 and out["ewc_apply"] == "grad"
+    assert {"ewc_grad_step_time_ratio", "ewc_loss_step_time_ratio", "ewc_prox_step_time_ratio"} <= set(out)
     assert len(list(tmp_path.glob("*.png"))) == 2
 
 
@@ -148,7 +164,8 @@ def test_defects_benchmark_groups_setups_and_scores_balanced(tmp_path: Path, tmp
     assert [t.name for t in b.tasks] == ["setup-a", "setup-b", "setup-c"] and b.metric == "balanced_accuracy"
     for k, t in enumerate(b.tasks):
         assert t.train[0].shape[1] == 16 * 16 and bool((t.train[2] == k).all())
-        assert len(t.train[1]) + len(t.eval[1]) == 30 and set(t.eval[1].tolist()) == {0, 1}
+        assert len(t.eval[1]) == 6 and set(t.eval[1].tolist()) == {0, 1}
+        assert int((t.train[1] == 0).sum()) == int((t.train[1] == 1).sum()) == 16  # defects repeated to balance
         assert 0.0 <= float(t.train[0].min()) and float(t.train[0].max()) <= 1.0
     again = benchmarks.defects(data_root=root, size=16)  # second build reads the cache: same tensors
     assert torch.equal(again.tasks[1].train[0], b.tasks[1].train[0])
@@ -181,3 +198,19 @@ def test_sgd_optimizer_option() -> None:
     assert isinstance(tr.optimizer, torch.optim.SGD) and tr.optimizer.param_groups[0]["lr"] == 0.05
     with pytest.raises(ConfigError):
         harness.make_trainer(model, lr=0.05, optimizer="lbfgs")
+
+
+def test_cli_several_methods_share_one_reference(tmp_path: Path, tmp_home: Path, small_cli: None) -> None:
+    from core.cli import app
+
+    res = CliRunner().invoke(app, ["core", "continual-eval", "--benchmark", "permuted-digits", "--method",
+                                   "naive,lora", "--tasks", "2", "--epochs", "1", "--json", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.stdout.strip().splitlines() if line.startswith("{")]
+    assert [o["method"] for o in lines] == ["naive", "lora"]
+    assert lines[0]["joint_accuracy"] == lines[1]["joint_accuracy"]
+    # the shared naive reference is the naive run itself: same seed, same batches
+    assert lines[0]["naive_average_accuracy"] == lines[0]["average_accuracy"]
+    assert len(list(tmp_path.glob("*.png"))) == 4
+    bad = CliRunner().invoke(app, ["core", "continual-eval", "--method", "ewc,distill", "--json"])
+    assert bad.exit_code != 0
