@@ -161,6 +161,38 @@ class ModelArgs:
 # ---------------------------------------------------------------------------------------------------
 # Primitives
 # ---------------------------------------------------------------------------------------------------
+# Batch-1 fp32 inference routes plain nn.Linear layers through a C matrix-vector kernel (the quant
+# runtime's kernel library, ``core.quant.kernels.f32_matvec``): decode is memory-bound and MKL's sgemm
+# at M=1 streams weights at about half the speed. Anything else (training, batches, quantized or
+# hooked modules, no C compiler) takes the module's own forward. ``FAST_MATVEC = False`` turns it off.
+FAST_MATVEC = True
+_matvec: Any = None
+
+
+def _fast_matvec() -> Any:
+    global _matvec
+    if _matvec is None:
+        try:
+            from core.quant.kernels import f32_matvec
+        except ImportError:  # pragma: no cover - the quant runtime is part of core
+            f32_matvec = False
+        _matvec = f32_matvec
+    return _matvec
+
+
+def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)``; for one fp32 row at inference with a plain, hook-free ``nn.Linear``, the C kernel."""
+    if (FAST_MATVEC and type(m) is nn.Linear and x.numel() == m.in_features and not torch.is_grad_enabled()
+            and not m._forward_hooks and not m._forward_pre_hooks and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks):
+        mv = _fast_matvec()
+        if mv:
+            y = mv(x, m.weight, m.bias)
+            if y is not None:
+                return y
+    return m(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -299,10 +331,11 @@ class MLA(nn.Module):
         cache: this layer's (B, S_max, r + d_rope) buffer, filled at [start, start + T)."""
         B, T, _ = x.shape
         H, dn, dr, r = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = (linear(self.q_proj, x) if self.q_lora_rank is None
+             else linear(self.q_b_proj, self.q_a_layernorm(linear(self.q_a_proj, x))))
         q = q.view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, dn + dr)
         q_nope, q_pe = q.split([dn, dr], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)  # (B, T, r + dr)
+        kv = linear(self.kv_a_proj_with_mqa, x)  # (B, T, r + dr)
         c_kv, k_pe = kv.split([r, dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
@@ -324,31 +357,40 @@ class MLA(nn.Module):
         qf = torch.cat([q_nope, q_pe], dim=-1)
         if mask is None and T > 1 and S != T:  # chunk after a cached prefix: bottom-right causal
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        dv = self.v_head_dim
+        if dv < self.qk_head_dim and x.device.type == "cpu" and T > 1:
+            # torch's fused (flash) CPU kernel needs one head dim for q, k and v; with d_v < d_qk SDPA
+            # falls back to the unfused math path (materialised scores, ~4x slower at T=512). Zero-pad
+            # v and drop the padded output columns: same result, fused kernel.
+            v = F.pad(v, (0, self.qk_head_dim - dv))
         o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout,
                                            is_causal=mask is None and T > 1, scale=self.softmax_scale)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+        if o.shape[-1] != dv:
+            o = o[..., :dv]
+        return linear(self.o_proj, o.transpose(1, 2).reshape(B, T, H * dv))
 
     def _absorb(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         """Latent-space attention: scores = (q_nope W_UK) c^T + q_pe k_pe^T; out = (p c) W_UV."""
-        B, H, T, _ = q_nope.shape
-        r = self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
-        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]  # (H, dn, r), (H, dv, r)
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        B, H, T, dn = q_nope.shape
+        r, dv = self.kv_lora_rank, self.v_head_dim
+        w = self.kv_b_proj.weight.view(H, dn + dv, r)
+        w_uk, w_uv = w[:, :dn], w[:, dn:]  # (H, dn, r), (H, dv, r): strided views, no copies
+        S = kv.shape[1]
         # All heads share one latent "key/value" per token, so fold heads into the query rows:
         # one (H*T, r+dr) x (r+dr, S) matmul per sequence, no per-head copies of the cache.
-        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, H * T, -1)  # (B, H*T, r + dr)
-        S = kv.shape[1]
-        scores = torch.bmm(q, kv.transpose(1, 2)).view(B, H, T, S) * self.softmax_scale  # (B, H, T, S)
+        # Plain matmul/bmm on views instead of einsum: fewer dispatched ops per decode step.
+        q = torch.cat([torch.matmul(q_nope, w_uk), q_pe], dim=-1)  # (B, H, T, r + dr): [q_nope W_UK | q_pe]
+        scores = torch.bmm(q.view(B, H * T, -1), kv.transpose(1, 2)).view(B, H, T, S)  # (B, H, T, S)
+        scores.mul_(self.softmax_scale)
         if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         p = torch.softmax(scores.float(), dim=-1).type_as(q).view(B, H * T, S)
         o = torch.bmm(p, kv[..., :r]).view(B, H, T, r)  # (B, H, T, r) in latent space
-        o = torch.einsum("bhtr,hvr->bthv", o, w_uv).reshape(B, T, H * self.v_head_dim)
-        return self.o_proj(o)
+        o = torch.matmul(o, w_uv.transpose(1, 2))  # (B, H, T, dv)
+        return linear(self.o_proj, o.transpose(1, 2).reshape(B, T, H * dv))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -362,7 +404,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class Gate(nn.Module):
@@ -436,7 +478,12 @@ class MoE(nn.Module):
         xf = x.reshape(-1, shape[-1])  # (N, D)
         w, idx = self.gate(xf, (shape[0], shape[1]) if x.dim() == 3 else None)
         y = torch.zeros_like(xf)
-        if xf.shape[0] <= 4:  # decode / speculative verify: visit each token's k experts directly
+        if xf.shape[0] == 1:  # batch-1 decode: run the token's k experts, accumulate in place
+            es = idx[0].tolist()
+            y = self.experts[es[0]](xf) * w[0, 0]
+            for j in range(1, len(es)):
+                y.add_(self.experts[es[j]](xf) * w[0, j])
+        elif xf.shape[0] <= 4:  # speculative verify / tiny batches: visit each token's k experts
             rows = []
             for t, (es, ws) in enumerate(zip(idx.tolist(), w, strict=True)):
                 xt = xf[t:t + 1]
@@ -492,7 +539,7 @@ class MTPModule(nn.Module):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
         """h, emb: (B, T, D) -> new hidden (B, T, D) (pre-norm; feed ``shared_head.norm`` then lm_head)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        x = linear(self.eh_proj, torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
         return self.block(x, cos, sin, mask, cache, start)
 
 
@@ -635,7 +682,7 @@ class DeepseekV3(nn.Module):
         h = x
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))
+        logits = linear(self.lm_head, self.model.norm(x))
         return LMOutput(logits, h) if return_hidden else logits
 
     def mtp_forward(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, *,
@@ -651,7 +698,7 @@ class DeepseekV3(nn.Module):
                  start)
         if cache is not None:
             cache.length = start + T
-        return self.lm_head(mod.shared_head.norm(hk)), hk
+        return linear(self.lm_head, mod.shared_head.norm(hk)), hk
 
     def compute_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None

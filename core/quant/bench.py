@@ -146,8 +146,26 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
 
 @torch.inference_mode()
 def decode_tokens_per_s(models: dict[str, nn.Module], args: ModelArgs, *, prompt_len: int = 16, steps: int = 24,
-                        rounds: int = 3) -> dict[str, float]:
-    """Batch-1 greedy decode through the latent cache, formats interleaved round by round."""
+                        rounds: int = 3, threads: int | None = None) -> dict[str, float]:
+    """Batch-1 greedy decode through the latent cache, formats interleaved round by round.
+
+    ``threads`` applies to torch's own ops *and* the C kernel for every format alike. It matters: with
+    torch at 2 threads and the kernel at 1 (the old setup), every small torch op of an int8 step
+    (absorbed attention, norms, routing) paid an OpenMP team barrier, and on a shared CPU a 2-thread
+    team waits for its descheduled partner, which made int8 decode look slower than fp32."""
+    old_torch, old_kernel = torch.get_num_threads(), kernels._threads
+    if threads:
+        torch.set_num_threads(threads)
+        kernels.set_threads(threads)
+    try:
+        return _decode_tokens_per_s(models, args, prompt_len=prompt_len, steps=steps, rounds=rounds)
+    finally:
+        torch.set_num_threads(old_torch)
+        kernels.set_threads(old_kernel)
+
+
+def _decode_tokens_per_s(models: dict[str, nn.Module], args: ModelArgs, *, prompt_len: int, steps: int,
+                         rounds: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), generator=g)
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -169,7 +187,9 @@ def decode_tokens_per_s(models: dict[str, nn.Module], args: ModelArgs, *, prompt
 # The run
 # ---------------------------------------------------------------------------------------------------
 def run_bench(*, quick: bool = False, distill_steps: int = 300, decode_tokens: int = 24,
-              lm: str = "default") -> dict[str, Any]:
+              lm: str = "default", threads: int | None = None) -> dict[str, Any]:
+    """``threads``: torch + kernel threads for the decode timing (None = the count the kernel
+    measurement picked, 1 or all)."""
     from core.quant.data import load_tokenizer
     from core.quant.models import load_model, model_batches
 
@@ -211,8 +231,10 @@ def run_bench(*, quick: bool = False, distill_steps: int = 300, decode_tokens: i
     g = torch.Generator().manual_seed(1)
     speed_calib = [torch.randint(0, args.vocab_size, (1, 64), generator=g)]
     s_models = make_formats(speed_fp32, speed_calib, method="rtn", clip_search=False)  # speed only
+    dec_threads = threads or res["kernels"].get("c_kernel_threads") or torch.get_num_threads()
+    res["decode_threads"] = dec_threads
     tps = decode_tokens_per_s({k: v[0] for k, v in s_models.items()}, args, steps=8 if quick else decode_tokens,
-                              rounds=1 if quick else 3)
+                              rounds=1 if quick else 3, threads=dec_threads)
     for name, (m, _) in s_models.items():
         total, per_token = weight_bytes(m)
         f = formats.setdefault(name, {})

@@ -76,6 +76,8 @@ def register(app: typer.Typer) -> None:
         distill_steps: Annotated[int, typer.Option(help="Distillation steps for the pruning figure.")] = 300,
         decode_tokens: Annotated[int, typer.Option(help="Decode steps timed per format and round.")] = 24,
         lm: Annotated[str, typer.Option(help="default | bench (smaller LM) | auto (default if stored).")] = "default",
+        threads: Annotated[int, typer.Option(help="torch + kernel threads for the decode timing, the same "
+                                             "for every format (0 = what the kernel measurement picks).")] = 0,
     ) -> None:
         """fp32 / int8 / int4 / mixed / torch dynamic int8: perplexity, decode tokens/s, bytes, bandwidth
         fraction; kernel choice; pruning + distillation; engine batching. One run, side by side."""
@@ -85,7 +87,8 @@ def register(app: typer.Typer) -> None:
             from core.errors import ConfigError
 
             raise ConfigError(f"--lm must be default, bench or auto, not {lm!r}")
-        res = run_bench(quick=quick, distill_steps=distill_steps, decode_tokens=decode_tokens, lm=lm)
+        res = run_bench(quick=quick, distill_steps=distill_steps, decode_tokens=decode_tokens, lm=lm,
+                        threads=threads or None)
         if not as_json:
             typer.echo(json.dumps(res, indent=2, default=float), err=True)
         _emit(res)
