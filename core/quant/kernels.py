@@ -132,6 +132,10 @@ void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc
       int mb = M - m0 < MB ? M - m0 : MB;
       float tot[MB];
       for (int i = 0; i < MB; i++) tot[i] = 0.f;
+#ifdef __AVX512F__
+      __m512 tv[MB];  /* scaled group sums stay in registers: one horizontal add per row, not per group */
+      for (int i = 0; i < MB; i++) tv[i] = _mm512_setzero_ps();
+#endif
       for (int g = 0; g < ng; g++) {
         const uint8_t* p = wr + g * h;
         float s = h2f(scr[g]);
@@ -149,7 +153,8 @@ void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc
             acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + j + h), hi, acc[i]);
           }
         }
-        for (int i = 0; i < mb; i++) tot[i] += _mm512_reduce_add_ps(acc[i]) * s;
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int i = 0; i < mb; i++) tv[i] = _mm512_fmadd_ps(acc[i], sv, tv[i]);
 #else
         for (int i = 0; i < mb; i++) {
           const float* xg = x + (int64_t)(m0 + i) * K + g * G;
@@ -159,6 +164,9 @@ void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc
         }
 #endif
       }
+#ifdef __AVX512F__
+      for (int i = 0; i < mb; i++) tot[i] = _mm512_reduce_add_ps(tv[i]);
+#endif
       for (int i = 0; i < mb; i++) {
         const float* xsr = xs + (int64_t)(m0 + i) * ng;
         float t = tot[i];

@@ -45,6 +45,8 @@ def sensitivities(model: nn.Module, stats: dict[str, LayerStats], spec4: QuantSp
     sens: dict[str, float] = {}
     for n, st in stats.items():
         w = model.get_submodule(n).weight
+        if w.shape[1] % spec4.group_size:  # cannot be int4 (stays int8 in the plan): nothing to measure
+            continue
         sens[n] = relative_output_error(w, fake_quantize(w, spec4, clip_search), st.sample)
     known = sorted(v for v in sens.values() if v == v)
     fill = known[len(known) // 2] if known else 0.0
@@ -71,12 +73,15 @@ def assign_by_size(shapes: dict[str, LayerShape], sens: dict[str, float], budget
     spec8 = QuantSpec(bits=8)
     fp32 = sum(s.bytes(QuantSpec(bits=16)) for s in shapes.values())
     budget = budget_fraction * fp32
-    plan = {n: spec4 for n in shapes}
-    total = sum(s.bytes(spec4) for s in shapes.values())
+    # Widths the int4 groups do not divide are fixed at int8; their bytes count against the budget.
+    fixed = {n for n, s in shapes.items() if s.in_features % group_size}
+    plan = {n: (spec8 if n in fixed else spec4) for n in shapes}
+    total = sum(shapes[n].bytes(spec) for n, spec in plan.items())
     if total > budget:
         raise ConfigError(f"size budget {budget_fraction:.3f} x fp32 is below what all-int4 reaches "
                           f"({total / fp32:.3f} x fp32); raise --size-budget")
-    for n in upgrade_order(shapes, sens, spec4, spec8):
+    free = {n: s for n, s in shapes.items() if n not in fixed}
+    for n in upgrade_order(free, {n: sens.get(n, 0.0) for n in free}, spec4, spec8):
         extra = shapes[n].bytes(spec8) - shapes[n].bytes(spec4)
         if total + extra <= budget:
             plan[n] = spec8

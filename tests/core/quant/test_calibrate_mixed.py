@@ -82,3 +82,14 @@ def test_int4_needs_calibration(tiny_model) -> None:
         quantize_model(tiny_model, 4, method="gptq", calib_batches=None, progress=False)
     with pytest.raises(ConfigError, match="bits=3"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), 3, progress=False)  # type: ignore[arg-type]
+
+
+def test_mixed_plan_keeps_widths_int4_cannot_take_at_int8() -> None:
+    from core.quant.mixed import LayerShape, assign_by_size
+
+    shapes = {"a": LayerShape(64, 128, False), "b": LayerShape(64, 96, False), "c": LayerShape(64, 128, False)}
+    plan = assign_by_size(shapes, {"a": 0.5, "c": 0.1}, 0.25, group_size=64)
+    assert plan["b"].bits == 8  # 96 is not a multiple of 64
+    assert plan["a"].bits == 8 and plan["c"].bits == 4  # the budget buys one upgrade: the sensitive one
+    from core.quant.mixed import plan_bytes
+    assert plan_bytes(shapes, plan) <= 0.25 * sum(4 * s.out_features * s.in_features for s in shapes.values())
