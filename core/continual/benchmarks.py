@@ -433,8 +433,10 @@ def defects(data_root: Path | None = None, n_tasks: int = 3, size: int = DEFECT_
     return Benchmark(
         name="defects", scenario="domain", tasks=tasks,
         make_model=lambda: ConvNet(size, 2),
-        epochs=30, lr=1e-3, batch_size=32,
-        ewc_lambda=1000.0, online_decay=1.0, ewc_params=None,
+        # lambda chosen on a seeded 20 % validation slice of the training images (seed 1): naive 0.897,
+        # EWC lambda 10 / 100 / 1000: 0.873 / 0.858 / 0.801 (this sequence shows no forgetting to prevent)
+        epochs=20, lr=1e-3, batch_size=32,
+        ewc_lambda=10.0, online_decay=1.0, ewc_params=None,
         lora_targets=["head"], lora_rank=4, head_pattern=None,
         replay_capacity=100, metric="balanced_accuracy",
         notes={"eval_set": "per setup group, a fixed stratified 20% (seed 0) of its good + defective images",
