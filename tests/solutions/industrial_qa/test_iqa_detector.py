@@ -206,3 +206,21 @@ def test_median_background_ignores_part_wide_offsets_but_keeps_local_defects() -
     assert s_local > s_base + 1.0
     det.config.background = "none"
     assert float(det.fuse(shifted, shifted).max()) == pytest.approx(float(det.fuse(base, base).max()) + 3.0, abs=1e-4)
+
+
+def test_pca_memory_bank_is_an_orthonormal_projection_of_the_features(tiny_detector, iqa_src: Path) -> None:
+    """The bank lives in a ``bank_dim`` PCA space (cheaper kNN); distances there never exceed the
+    full-feature distances (orthonormal projection), and the stride-8 kNN map uses that space."""
+    det = tiny_detector
+    p = det.bank_proj
+    assert p is not None and det.memory.shape[1] == det.config.bank_dim == p.shape[1]
+    assert torch.allclose(p.T @ p, torch.eye(p.shape[1]), atol=1e-4)
+    x = torch.from_numpy(np.stack([read_image(f).convert("RGB").resize((64, 64)) for f in
+                                   sorted((iqa_src / "test" / "good").iterdir())[:2]]).astype(np.float32) / 255)
+    feats, knn, _ = det._raw(x.permute(0, 3, 1, 2).contiguous())
+    q = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    proj = (q - det.bank_mean) @ p
+    expect = torch.cdist(proj, det.memory).min(1).values.view_as(knn)
+    assert torch.allclose(knn, expect, atol=1e-3)
+    a, b = q[:5], q[5:10]
+    assert (torch.cdist((a - det.bank_mean) @ p, (b - det.bank_mean) @ p) <= torch.cdist(a, b) + 1e-4).all()
