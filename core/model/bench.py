@@ -41,6 +41,14 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t
 
 
+def _timed2(fn: Any) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process). With 1 thread, CPU time is the steadier figure on a
+    shared machine: it does not count the time other processes held the core."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
 @torch.inference_mode()
 def bench_decode(prompt_len: int = 512, new_tokens: int = 64, repeats: int = 2, seed: int = 0,
                  config: dict[str, Any] | None = None, threads: int | None = None) -> dict[str, Any]:
@@ -67,14 +75,17 @@ def bench_decode(prompt_len: int = 512, new_tokens: int = 64, repeats: int = 2, 
     same = ours() == theirs()  # also warms both up
     t_ours, t_ref = [], []
     for _ in range(repeats):
-        t_ours.append(_timed(ours))
-        t_ref.append(_timed(theirs))
-    ours_tps, ref_tps = new_tokens / min(t_ours), new_tokens / min(t_ref)
+        t_ours.append(_timed2(ours))
+        t_ref.append(_timed2(theirs))
+    ours_tps, ref_tps = new_tokens / min(t[0] for t in t_ours), new_tokens / min(t[0] for t in t_ref)
+    ours_cpu, ref_cpu = min(t[1] for t in t_ours), min(t[1] for t in t_ref)
     kv = kv_cache_bytes_per_token_per_layer(model, 4)
     return {"params": model.num_parameters(), "active_params": model.num_parameters(active=True),
             "prompt_tokens": prompt_len, "new_tokens": new_tokens, "batch": 1, "dtype": "float32",
             "threads": torch.get_num_threads(), "ours_tokens_per_s": round(ours_tps, 2),
             "transformers_tokens_per_s": round(ref_tps, 2), "ratio": round(ours_tps / ref_tps, 2),
+            "ours_cpu_s": round(ours_cpu, 3), "transformers_cpu_s": round(ref_cpu, 3),
+            "ratio_cpu_time": round(ref_cpu / ours_cpu, 2),
             "same_greedy_tokens": same, "kv_cache_bytes_per_token_per_layer": kv["ours"],
             "mha_kv_cache_bytes_per_token_per_layer": kv["standard_mha"],
             "kv_cache_reduction": round(kv["standard_mha"] / kv["ours"], 2)}
@@ -90,12 +101,14 @@ def bench_speculative(model: DeepseekV3, prompts: list[list[int]], new_tokens: i
     spec = [speculative_generate(model, p, new_tokens, eos_token_id, stats) for p in prompts]
     t_plain, t_spec = [], []
     for _ in range(repeats):
-        t_plain.append(_timed(lambda: [generate(model, [p], SamplingParams(max_new_tokens=new_tokens,
-                                                                           eos_token_id=eos_token_id))
-                                       for p in prompts]))
-        t_spec.append(_timed(lambda: [speculative_generate(model, p, new_tokens, eos_token_id) for p in prompts]))
+        t_plain.append(_timed2(lambda: [generate(model, [p], SamplingParams(max_new_tokens=new_tokens,
+                                                                            eos_token_id=eos_token_id))
+                                        for p in prompts]))
+        t_spec.append(_timed2(lambda: [speculative_generate(model, p, new_tokens, eos_token_id) for p in prompts]))
     n = sum(len(x) for x in plain)
+    wp, ws = min(t[0] for t in t_plain), min(t[0] for t in t_spec)
+    cp, cs = min(t[1] for t in t_plain), min(t[1] for t in t_spec)
     return {"prompts": len(prompts), "tokens": n, "identical_output": plain == spec,
-            "acceptance": round(stats.acceptance, 3), "greedy_tokens_per_s": round(n / min(t_plain), 2),
-            "speculative_tokens_per_s": round(n / min(t_spec), 2),
-            "speedup": round(min(t_plain) / min(t_spec), 2)}
+            "acceptance": round(stats.acceptance, 3), "greedy_tokens_per_s": round(n / wp, 2),
+            "speculative_tokens_per_s": round(n / ws, 2), "speedup": round(wp / ws, 2),
+            "speedup_cpu_time": round(cp / cs, 2)}

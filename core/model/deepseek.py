@@ -161,7 +161,8 @@ class ModelArgs:
 # ---------------------------------------------------------------------------------------------------
 # Primitives
 # ---------------------------------------------------------------------------------------------------
-# Batch-1 fp32 inference routes plain nn.Linear layers through a C matrix-vector kernel (the quant
+# Batch-1 fp32 inference (1-4 rows: decode, speculative verify) routes plain nn.Linear layers through
+# a C matrix-vector kernel (the quant
 # runtime's kernel library, ``core.quant.kernels.f32_matvec``): decode is memory-bound and MKL's sgemm
 # at M=1 streams weights at about half the speed. Anything else (training, batches, quantized or
 # hooked modules, no C compiler) takes the module's own forward. ``FAST_MATVEC = False`` turns it off.
@@ -181,8 +182,8 @@ def _fast_matvec() -> Any:
 
 
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)``; for one fp32 row at inference with a plain, hook-free ``nn.Linear``, the C kernel."""
-    if (FAST_MATVEC and type(m) is nn.Linear and x.numel() == m.in_features and not torch.is_grad_enabled()
+    """``m(x)``; for 1-4 fp32 rows at inference with a plain, hook-free ``nn.Linear``, the C kernel."""
+    if (FAST_MATVEC and type(m) is nn.Linear and x.numel() <= 4 * m.in_features and not torch.is_grad_enabled()
             and not m._forward_hooks and not m._forward_pre_hooks and not nn.modules.module._global_forward_hooks
             and not nn.modules.module._global_forward_pre_hooks):
         mv = _fast_matvec()

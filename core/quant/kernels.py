@@ -82,6 +82,37 @@ void f32_mv(const float* x, const float* w, const float* bias, float* y, int N, 
   }
 }
 
+/* A few fp32 rows (speculative verification, small engine batches): each weight row is read once
+   for all M rows of x. y (M, N). */
+void f32_mm(const float* x, const float* w, const float* bias, float* y, int M, int N, int K, int nth) {
+  #pragma omp parallel for num_threads(nth) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const float* wr = w + (int64_t)n * K;
+    for (int m0 = 0; m0 < M; m0 += 4) {
+      int mb = M - m0 < 4 ? M - m0 : 4;
+      float out[4];
+      int k = 0;
+#ifdef __AVX512F__
+      __m512 acc[4];
+      for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+      for (; k + 16 <= K; k += 16) {
+        __m512 wv = _mm512_loadu_ps(wr + k);
+        for (int i = 0; i < mb; i++)
+          acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)(m0 + i) * K + k), wv, acc[i]);
+      }
+      for (int i = 0; i < mb; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+#else
+      for (int i = 0; i < mb; i++) out[i] = 0.f;
+#endif
+      for (int i = 0; i < mb; i++) {
+        const float* xr = x + (int64_t)(m0 + i) * K;
+        for (int kk = k; kk < K; kk++) out[i] += xr[kk] * wr[kk];
+        y[(int64_t)(m0 + i) * N + n] = out[i] + (bias ? bias[n] : 0.f);
+      }
+    }
+  }
+}
+
 #define MB 4
 /* y[m, n] = s[n] * sum_k x[m, k] * w[n, k] (+ bias[n]);  x (M, K) fp32, w (N, K) int8 */
 void w8_mm(const float* x, const int8_t* w, const float* s, const float* bias, float* y,
@@ -226,6 +257,8 @@ def _build() -> ctypes.CDLL:
     lib.w4_mm.restype = None
     lib.f32_mv.argtypes = [P, P, P, P, Ci, Ci, Ci]
     lib.f32_mv.restype = None
+    lib.f32_mm.argtypes = [P, P, P, P, Ci, Ci, Ci, Ci]
+    lib.f32_mm.restype = None
     return lib
 
 
@@ -294,12 +327,16 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return F.linear(x, dequantize_int8(q, scale).to(x.dtype), bias)
 
 
+F32_MAX_ROWS = 4  # rows of x up to which f32_matvec takes the C kernel
+
+
 def f32_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One fp32 row x (..., K) with numel K times W (N, K)^T (+ b) with the C kernel, or None when the
-    kernel cannot take it (no library, wrong dtype/device/layout, autograd needed): then use F.linear.
-    Used by the core LM for batch-1 decode, where F.linear (MKL sgemm at M=1) is ~2x slower."""
+    """x (..., K) with at most ``F32_MAX_ROWS`` rows times W (N, K)^T (+ b) in fp32 with the C kernel,
+    or None when the kernel cannot take it (no library, more rows, wrong dtype/device/layout, autograd
+    needed): then use F.linear. Used by the core LM for batch-1 decode and 2-token speculative
+    verification, where F.linear (MKL sgemm at M=1) is ~2x slower."""
     K = weight.shape[-1]
-    if (x.numel() != K or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+    if (x.shape[-1] != K or x.numel() > F32_MAX_ROWS * K or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
             or weight.device.type != "cpu" or not weight.is_contiguous() or x.requires_grad
             or (weight.requires_grad and torch.is_grad_enabled())
             or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))
@@ -309,9 +346,13 @@ def f32_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if lib is None:
         return None
     N = weight.shape[0]
+    M = x.numel() // K
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    lib.f32_mv(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), N, K, kernel_threads())
+    if M == 1:
+        lib.f32_mv(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), N, K, kernel_threads())
+    elif M > 1:
+        lib.f32_mm(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), M, N, K, kernel_threads())
     return y
 
 

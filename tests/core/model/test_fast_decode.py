@@ -23,21 +23,22 @@ def _need_kernel() -> None:
         pytest.skip(f"no C kernel here: {kernels.c_library_error()}")
 
 
-@pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, False), (33, 70, True), (8192, 512, False)])
-def test_f32_matvec_matches_linear(n: int, k: int, bias: bool) -> None:
+@pytest.mark.parametrize(("rows", "n", "k", "bias"), [(1, 48, 64, False), (1, 33, 70, True), (1, 8192, 512, False),
+                                                     (2, 33, 70, True), (3, 40, 64, False), (4, 17, 48, True)])
+def test_f32_matvec_matches_linear(rows: int, n: int, k: int, bias: bool) -> None:
     _need_kernel()
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(k, n, bias=bias)
-    x = torch.randn(1, 1, k, generator=g)
+    x = torch.randn(1, rows, k, generator=g)
     with torch.no_grad():
         y = kernels.f32_matvec(x, lin.weight, lin.bias)
-        assert y is not None and y.shape == (1, 1, n)
+        assert y is not None and y.shape == (1, rows, n)
         torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_f32_matvec_declines_what_it_cannot_do() -> None:
     w = torch.randn(8, 16)
-    assert kernels.f32_matvec(torch.randn(2, 16), w) is None  # two rows: BLAS
+    assert kernels.f32_matvec(torch.randn(5, 16), w) is None  # more than 4 rows: BLAS
     assert kernels.f32_matvec(torch.randn(1, 16, dtype=torch.float64), w.double()) is None
     assert kernels.f32_matvec(torch.randn(1, 16), w.t().contiguous().t()) is None  # strided weight
     wg = torch.randn(8, 16, requires_grad=True)
