@@ -91,3 +91,23 @@ def test_sr_refuses_empty_report_or_no_evidence() -> None:
         build_sr(ReportContent("", ""), [src])
     with pytest.raises(DataError):
         build_sr(ReportContent("x", "y"), [])
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "rtplan.dcm"])  # explicit and implicit VR
+def test_nested_private_tags_dates_names_and_uids_are_handled(name: str) -> None:
+    ds = pydicom.dcmread(dcm_file(name))
+    item = pydicom.Dataset()
+    item.add_new(0x00091010, "LO", "private secret")
+    item.add_new(0x00091001, "LO", "PRIVATE CREATOR")
+    item.ContentDate, item.VerifyingObserverName = "20200105", "Doe^Jane"
+    item.ReferencedSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+    ds.add_new(0x0040A073, "SQ", [item])  # VerifyingObserverSequence
+    out = pydicom.dcmread(io.BytesIO(_bytes(Deidentifier(KEY)(ds))))
+
+    def walk(d: pydicom.Dataset) -> list[pydicom.DataElement]:
+        return [e for e in d] + [x for e in d if e.VR == "SQ" for it in e.value for x in walk(it)]
+
+    assert not any(e.tag.is_private for e in walk(out))
+    got = out.VerifyingObserverSequence[0]
+    assert got.ContentDate != "20200105" and len(got.ContentDate) == 8  # shifted, still a date
+    assert str(got.VerifyingObserverName) == "" and got.ReferencedSOPInstanceUID.startswith("2.25.")

@@ -123,3 +123,15 @@ def test_windowing() -> None:
     assert out.tolist() == [[0, 128, 255]]
     c, w = dicom_io.auto_window(np.arange(1000, dtype=float))
     assert 400 < c < 600 and 900 < w < 1000
+
+
+def test_deferred_decoding_validates_native_pixels_and_decodes_on_demand() -> None:
+    raw = dcm_file("CT_small.dcm").read_bytes()
+    with pytest.raises(DataError, match="truncated"):  # still caught without decoding
+        dicom_io.parse_instance(raw[: len(raw) - 3000], "cut.dcm", decode=False)
+    lazy = dicom_io.parse_instance(dcm_file("CT_small.dcm"), decode=False)
+    eager = dicom_io.parse_instance(dcm_file("CT_small.dcm"))
+    assert lazy._pixels is None and lazy.shape == eager.shape == (1, 128, 128)
+    np.testing.assert_array_equal(lazy.pixels, eager.pixels)  # same rescaled values, decoded on access
+    # compressed data is decoded up front (the only way to know it is readable)
+    assert dicom_io.parse_instance(dcm_file("MR_small_RLE.dcm"), decode=False)._pixels is not None
