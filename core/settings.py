@@ -63,10 +63,19 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     auto_train: bool = True
 
+    # Per-solution knobs (``VERTICALS_<SOLUTION>_<NAME>``)
+    medical_imaging_threads: int = 1  # torch intra-op threads for reporter training/evaluation
+    medical_imaging_pseudonym_map: Path | None = None  # keep original->pseudonym map here (0600); unset: none kept
+
     @field_validator("home", "data_root", mode="after")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("medical_imaging_pseudonym_map", "database_url", "broker_url", "result_backend", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("solutions", mode="before")
     @classmethod

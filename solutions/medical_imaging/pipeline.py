@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -235,7 +234,9 @@ def _retrieved(query: np.ndarray, gallery: np.ndarray, gallery_text: np.ndarray,
 def set_threads(n: int | None) -> None:
     """Intra-op threads. Default 1: on a shared 2-core machine two oversubscribed threads ran ~15x
     slower than one (measured: 4.4 s vs 0.26 s per encoder batch at load ~20)."""
-    torch.set_num_threads(max(1, int(n or os.environ.get("VERTICALS_MEDICAL_IMAGING_THREADS", 1))))
+    from core.settings import get_settings
+
+    torch.set_num_threads(max(1, int(n or get_settings().medical_imaging_threads)))
 
 
 def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = ENC_EPOCHS, dec_epochs: int = 15,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,6 @@ from solutions.medical_imaging.deid import Deidentifier
 from solutions.medical_imaging.orm import Instance, Patient, Report, ReportVersion, Series, Study, Upload
 
 SOLUTION = "medical_imaging"
-# Set to a file path to keep the original -> pseudonym map (0600); unset: no map is kept anywhere.
-PSEUDONYM_MAP_ENV = "VERTICALS_MEDICAL_IMAGING_PSEUDONYM_MAP"
 
 
 def storage_root() -> Path:
@@ -44,14 +41,14 @@ def storage_root() -> Path:
 
 def deidentifier() -> Deidentifier:
     key = hashlib.sha256(b"medical_imaging/deid/" + get_settings().secret_key.encode()).digest()
-    return Deidentifier(key=key, keep_map=bool(os.environ.get(PSEUDONYM_MAP_ENV)))
+    # VERTICALS_MEDICAL_IMAGING_PSEUDONYM_MAP: keep the original -> pseudonym map (0600); unset: none kept.
+    return Deidentifier(key=key, keep_map=get_settings().medical_imaging_pseudonym_map is not None)
 
 
 def _save_pseudonym_map(d: Deidentifier) -> None:
-    target = os.environ.get(PSEUDONYM_MAP_ENV)
-    if not target or not d.pseudonym_map:
+    p = get_settings().medical_imaging_pseudonym_map
+    if p is None or not d.pseudonym_map:
         return
-    p = Path(target)
     current = json.loads(p.read_text()) if p.exists() else {}
     current.update(d.pseudonym_map)
     p.write_text(json.dumps(current, indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pydicom
 import pytest
@@ -61,6 +62,27 @@ def test_pseudonym_map_only_when_configured() -> None:
     ds = on(pydicom.dcmread(dcm_file("CT_small.dcm")))
     assert off.pseudonym_map == {}
     assert on.pseudonym_map == {"1CT1": ds.PatientID}
+
+
+def test_pseudonym_map_setting_writes_a_private_file(tmp_path, monkeypatch) -> None:
+    from core.settings import reset_settings
+    from solutions.medical_imaging.workflow import _save_pseudonym_map, deidentifier
+
+    monkeypatch.setenv("VERTICALS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VERTICALS_MEDICAL_IMAGING_PSEUDONYM_MAP", "")  # empty (as in .env.example): no map
+    reset_settings()
+    assert deidentifier().keep_map is False
+    target = tmp_path / "map.json"
+    monkeypatch.setenv("VERTICALS_MEDICAL_IMAGING_PSEUDONYM_MAP", str(target))
+    reset_settings()
+    try:
+        d = deidentifier()
+        ds = d(pydicom.dcmread(dcm_file("CT_small.dcm")))
+        _save_pseudonym_map(d)
+        assert json.loads(target.read_text()) == {"1CT1": ds.PatientID}
+        assert target.stat().st_mode & 0o777 == 0o600
+    finally:
+        reset_settings()
 
 
 def test_sr_round_trip_references_the_study(tmp_path) -> None:
