@@ -33,13 +33,13 @@ def train(
     dataset: Annotated[str, typer.Option(help="sgd | banking77 | clinc150 | star")],
     data_root: DataRoot = None,
     max_dialogues: Annotated[int, typer.Option(help="SGD/STAR train dialogues (seeded sample; 0 = default).")] = 0,
-    epochs: Annotated[int, typer.Option(help="Tracker head epochs.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Tracker head epochs (0 = default).")] = 0,
     max_per_class: Annotated[int, typer.Option(help="Intents: cap training texts per intent (0 = all).")] = 0,
 ) -> None:
     """Train a model on the dataset's train split and store it under VERTICALS_HOME."""
     from solutions.customer_service.pipeline import train as run
 
-    info = run(task, dataset, _root(data_root), max_dialogues=max_dialogues or None, epochs=epochs,
+    info = run(task, dataset, _root(data_root), max_dialogues=max_dialogues or None, epochs=epochs or None,
                max_per_class=max_per_class or None)
     typer.echo(json.dumps({"task": task, "dataset": dataset, **info}))
 

@@ -137,10 +137,19 @@ def _find_span(new: list[str], f: TurnFeatures, fr: dict[str, Any], sys_turn: di
 
 
 # ----------------------------------------------------------------------------------------- loops
-def _batches(n: int, bs: int, rng: random.Random) -> list[list[int]]:
+def _batches(n: int, bs: int, rng: random.Random, lengths: list[int] | None = None) -> list[list[int]]:
+    """Shuffled batches; with ``lengths``, examples of similar token length share a batch (sorted
+    inside chunks of 50 batches) so padded token tensors stay small."""
     idx = list(range(n))
     rng.shuffle(idx)
-    return [idx[i:i + bs] for i in range(0, n, bs)]
+    if lengths is None:
+        return [idx[i:i + bs] for i in range(0, n, bs)]
+    out: list[list[int]] = []
+    for c in range(0, n, 50 * bs):
+        chunk = sorted(idx[c:c + 50 * bs], key=lambda i: lengths[i])
+        out += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+    rng.shuffle(out)
+    return out
 
 
 def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, Any]], encoder: MiniLMEncoder,
@@ -235,7 +244,9 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     plan = [("intent", loss_intent, len(ex.intent), bs // 2),
             ("status", loss_status, len(ex.status), bs // 4), ("value", loss_value, len(ex.value), bs // 2),
             ("span", loss_span, len(ex.span), bs // 8)]
-    steps = [(name, fn, b) for _ in range(cfg.epochs) for name, fn, n, bs in plan for b in _batches(n, bs, rng)]
+    tok_len = {"status": [len(feats[e[0]].seg) for e in ex.status], "span": [len(feats[e[0]].seg) for e in ex.span]}
+    steps = [(name, fn, b) for _ in range(cfg.epochs) for name, fn, n, bs in plan
+             for b in _batches(n, bs, rng, tok_len.get(name))]
     rng.shuffle(steps)  # interleave heads (they share no weights, but one bar for all)
     for _name, fn, b in progress(steps, desc="training tracker heads", reporter=reporter):
         opt.zero_grad()

@@ -3,8 +3,8 @@
 Features: frozen MiniLM sentence embedding (384-d, scaled) next to word and character n-gram TF-IDF
 (the lexical cues of banking queries: "top up", "PIN", "card arrival"), one multinomial logistic
 regression on top. Out of scope = abstain when the top probability is below a threshold chosen on
-training data only: in-scope training texts are cross-validated and, when the dataset has labelled
-OOS training texts (CLINC150 ``oos_train``), the threshold maximises in-scope accuracy + OOS recall.
+training data only: when the dataset has labelled OOS training texts (CLINC150 ``oos_train``), the
+lowest threshold that rejects ``OOS_RECALL_GOAL`` of them.
 
 Data contract: ``fit(texts, labels)``; ``predict(texts) -> list[str]`` with ``"oos"`` for abstentions;
 ``predict_proba(texts) -> (N, C)``.
@@ -24,6 +24,11 @@ from solutions.customer_service.data import OOS
 from solutions.customer_service.encoder import MiniLMEncoder
 
 EMB_SCALE = 3.0
+
+
+# OOS recall wanted on the OOS training texts: the product target (>= 0.60 OOS recall), no more, since
+# every extra rejected OOS text costs in-scope accuracy. (0.7 gave in-scope 0.940 / OOS 0.79 on dev.)
+OOS_RECALL_GOAL = 0.6
 
 
 class IntentClassifier:
@@ -59,26 +64,15 @@ class IntentClassifier:
         return self
 
     def _calibrate(self, texts: list[str], labels: list[str], oos_texts: list[str]) -> float:
-        """Threshold from a held-out fifth of the training texts (seeded) and the OOS training texts."""
-        from sklearn.linear_model import LogisticRegression
-
-        rng = np.random.default_rng(13)
-        idx = rng.permutation(len(texts))
-        cut = len(texts) // 5
-        held, rest = idx[:cut], idx[cut:]
-        sub = LogisticRegression(C=self.c, max_iter=300)
-        x = self._features(texts)
-        sub.fit(x[rest], [labels[i] for i in rest])
-        p_in = sub.predict_proba(x[held])
-        ok = np.array(sub.classes_)[p_in.argmax(1)] == np.array([labels[i] for i in held])
-        conf_in = p_in.max(1)
-        conf_oos = sub.predict_proba(self._features(oos_texts)).max(1)
-        best, best_t = -1.0, 0.0
+        """Threshold from the OOS training texts (never trained on): the lowest threshold whose OOS
+        recall on them reaches ``OOS_RECALL_GOAL``; every higher threshold only rejects more in-scope
+        texts. (Maximising held-out in-scope accuracy + OOS recall instead pushed the threshold to 0.9
+        and cost 11 points of in-scope accuracy on CLINC150.)"""
+        conf_oos = self.clf.predict_proba(self._features(oos_texts)).max(1)
         for t in np.linspace(0.05, 0.9, 86):
-            score = float((ok & (conf_in >= t)).mean()) + float((conf_oos < t).mean())
-            if score > best:
-                best, best_t = score, float(t)
-        return best_t
+            if float((conf_oos < t).mean()) >= OOS_RECALL_GOAL:
+                return float(t)
+        return 0.9
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         return self.clf.predict_proba(self._features(list(texts)))

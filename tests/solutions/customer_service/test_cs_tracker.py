@@ -53,8 +53,6 @@ def test_carry_over_15_turns(tracker: DialogueStateTracker, schemas: dict) -> No
     assert len(states) == 17 and last == first  # 15 turns later nothing was lost or invented
 
 
-@pytest.mark.xfail(strict=True, reason="known weakness: the current heads do not learn corrections "
-                   "('actually make it 8 pm' keeps 7 pm), also with the 400-dialogue model; see README")
 def test_correction_replaces_the_value(tracker: DialogueStateTracker, schemas: dict) -> None:
     states = run(tracker, schemas, TURNS, [TINY_SERVICE])
     first = states[-1][TINY_SERVICE]["slot_values"]
