@@ -74,7 +74,7 @@ def make_trainer(model: nn.Module, *, lr: float, hooks: Sequence[TrainerHook] = 
                       params=params, device=device, progress=False)
     if optimizer == "sgd":
         ps = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-        trainer.optimizer = torch.optim.SGD(ps, lr=lr, momentum=0.9)
+        trainer.optimizer = torch.optim.SGD(ps, lr=lr, momentum=0.9)  # type: ignore[assignment]
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
     elif optimizer != "adam":
         raise ConfigError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
@@ -200,7 +200,7 @@ class _StepTimer(TrainerHook):
 
 
 def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, rounds: int = 7,
-                    steps: int = 40, seed: int = 0, device: str = "cpu") -> dict[str, float]:
+                    steps: int = 40, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """EWC vs plain training step time, interleaved rounds on copies of one model and the same batches.
 
     The EWC hook is first consolidated on every task (separate mode then holds T Fisher/anchor pairs).
