@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import lru_cache
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,6 +103,21 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.conv2d(x, k.view(1, 1, 1, -1))
     x = F.pad(x, (0, 0, r, r), mode="reflect")
     return F.conv2d(x, k.view(1, 1, -1, 1))
+
+
+@lru_cache(maxsize=16)
+def _upsample_blur_matrix(n: int, size: int, sigma: float) -> torch.Tensor:
+    """``(size, n)`` matrix of 1-D bilinear upsampling (align_corners=False) then the reflect-padded
+    Gaussian blur of :func:`gaussian_blur`, built by pushing the identity through both."""
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n)[:, None, None, :]                                    # (n, 1, 1, n) rows e_j
+        up = F.interpolate(eye, size=(1, size), mode="bilinear", align_corners=False)  # (n, 1, 1, S)
+        if sigma > 0:
+            r = int(round(3 * sigma))
+            t = torch.arange(-r, r + 1, dtype=up.dtype)
+            k = torch.exp(-0.5 * (t / sigma) ** 2)
+            up = F.conv2d(F.pad(up, (r, r, 0, 0), mode="reflect"), (k / k.sum()).view(1, 1, 1, -1))
+        return up[:, 0, 0, :].T.contiguous()                                   # (S, n)
 
 
 def greedy_coreset(x: torch.Tensor, m: int, seed: int = 0, proj_dim: int = 64) -> torch.Tensor:
@@ -254,8 +270,11 @@ class AnomalyDetector:
         if self.bank_proj is not None:
             q = (q - self.bank_mean) @ self.bank_proj                        # (B*h*w, p)
         # ||q - m||^2 = |q|^2 - 2 q.m + |m|^2, min over the bank, one matmul.
-        d2 = (q ** 2).sum(1, keepdim=True) - 2 * q @ self.memory.T + self.memory_sq[None]
-        knn = d2.min(dim=1).values.clamp_min(0).sqrt().view(b, h, w)
+        # min over the bank of |m|^2 - 2 q.m (one fused addmm), in row chunks that stay in cache,
+        # then + |q|^2: the full (B*h*w, M) distance matrix never exists
+        mins = [torch.addmm(self.memory_sq[None], c, self.memory.T, alpha=-2).min(dim=1).values
+                for c in q.split(2048)]
+        knn = (torch.cat(mins) + (q ** 2).sum(1)).clamp_min(0).sqrt().view(b, h, w)
         return feats, knn, logits[:, 0]
 
     def standardise(self, knn: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,9 +298,15 @@ class AnomalyDetector:
         return z
 
     def upsample(self, small: torch.Tensor, size: int) -> torch.Tensor:
-        """Stride-8 map ``(B, h, w)`` -> smoothed ``(B, S, S)``."""
-        up = F.interpolate(small[:, None], size=(size, size), mode="bilinear", align_corners=False)
-        return gaussian_blur(up, self.config.blur_sigma)[:, 0]
+        """Stride-8 map ``(B, h, w)`` -> smoothed ``(B, S, S)``.
+
+        Bilinear upsampling and the Gaussian blur are both separable linear maps, so the pair is
+        one ``(S, h)`` matrix per axis: ``A_y @ small @ A_x.T`` (two small matmuls, ~30x cheaper than
+        a 1-channel convolution at full size; equal to interpolate + gaussian_blur up to rounding).
+        """
+        ay = _upsample_blur_matrix(small.shape[-2], size, self.config.blur_sigma)
+        ax = _upsample_blur_matrix(small.shape[-1], size, self.config.blur_sigma)
+        return ay @ small.float() @ ax.T
 
     @torch.inference_mode()
     def score_arrays(self, x: np.ndarray) -> MapOutput:

@@ -224,3 +224,19 @@ def test_pca_memory_bank_is_an_orthonormal_projection_of_the_features(tiny_detec
     assert torch.allclose(knn, expect, atol=1e-3)
     a, b = q[:5], q[5:10]
     assert (torch.cdist((a - det.bank_mean) @ p, (b - det.bank_mean) @ p) <= torch.cdist(a, b) + 1e-4).all()
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 4.0])
+def test_matrix_upsample_equals_interpolate_then_blur(sigma: float) -> None:
+    """The fast map upsampling (two small matmuls) is the same linear map as bilinear + Gaussian blur."""
+    import torch.nn.functional as F
+
+    from solutions.industrial_qa.detector import DetectorConfig, gaussian_blur
+
+    det = AnomalyDetector(DetectorConfig(blur_sigma=sigma))
+    small = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    ref = gaussian_blur(F.interpolate(small[:, None], size=(64, 64), mode="bilinear", align_corners=False), sigma)
+    out = det.upsample(small, 64)
+    assert out.shape == (3, 64, 64)
+    assert torch.allclose(out, ref[:, 0], atol=1e-5)
+    assert int(out.flatten(1).argmax(1)[0]) == int(ref[:, 0].flatten(1).argmax(1)[0])
