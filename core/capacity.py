@@ -13,7 +13,8 @@ Main tasks: ``industrial_qa.inspect`` (one real magnetic-tile image: decode, sco
 defect rows), ``customer_service.process_turn`` (one real SGD dev customer turn: state tracking,
 next action, reply suggestion), ``medical_imaging.ingest`` (one DICOM CT slice from pydicom's test
 files, re-identified as a new study each time: parse, de-identify, store, register; no model) and,
-where a reporter model exists, ``medical_imaging.draft_report``.
+where a reporter model exists, ``medical_imaging.draft_report`` (key image -> reporter -> draft
+report version; reported as ``medical_imaging.draft``).
 
 Models: the run uses a private ``VERTICALS_HOME`` whose ``models/`` is copied from ``--models-from``
 (default: the configured home, i.e. the models ``verticals up`` trained). A solution whose model is
@@ -68,6 +69,7 @@ def _iqa_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
     from sqlalchemy import select
 
     from core.db import session_scope
+    from core.settings import get_settings
     from solutions.industrial_qa import store
     from solutions.industrial_qa.orm import Inspection
     from solutions.industrial_qa.service import register_image, sync_versions
@@ -75,12 +77,14 @@ def _iqa_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
     src = data_root / "industrial" / "magnetic_tile"
     if not (src / "test").is_dir():
         return f"no MVTec-layout data at {src}"
-    line = "magnetic_tile"
+    root = get_settings().models_dir / "industrial_qa"
+    ready = sorted(p.name for p in root.iterdir() if p.is_dir() and store.is_ready(p.name)) if root.is_dir() else []
+    line = store.DEFAULT_LINE if store.DEFAULT_LINE in ready else (ready[0] if ready else store.DEFAULT_LINE)
     sync_versions(line)
-    model = "home"
-    if store.active_version(line) is None:
+    model = "home" if line in ready else "none"
+    if model == "none":
         if not tiny:
-            return f"no trained detector for line {line!r} (run `verticals up` or `verticals industrial-qa train`), or pass --tiny-models"
+            return "no trained detector for any line (run `verticals up` or `verticals industrial-qa train`), or pass --tiny-models"
         from solutions.industrial_qa.evaluation import train_line
         from solutions.industrial_qa.service import record_model_version
 
@@ -106,7 +110,8 @@ def _iqa_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
             rows = list(s.scalars(select(Inspection).where(Inspection.id.in_(ids))))
         return {"completed": sum(r.status == "done" for r in rows), "failed": sum(r.status == "failed" for r in rows)}
 
-    return Probe("industrial_qa.inspect", "industrial_qa", model, make, outcome)
+    return Probe("industrial_qa.inspect", "industrial_qa", model if model == "tiny" else f"home (line {line})",
+                 make, outcome)
 
 
 def _tiny_iqa_config() -> Any:
@@ -219,8 +224,38 @@ def _mi_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
     return Probe("medical_imaging.ingest", "medical_imaging", "none", make, outcome)
 
 
-PROBES: dict[str, Callable[[Path, bool, Path], Probe | str]] = {
-    "industrial_qa": _iqa_probe, "customer_service": _cs_probe, "medical_imaging": _mi_probe}
+def _mi_draft_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
+    """``draft_report`` on studies ingested for it (one CT slice each) with the stored reporter."""
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from solutions.medical_imaging.orm import Report, ReportVersion, Study
+    from solutions.medical_imaging.pipeline import model_ready
+    from solutions.medical_imaging.workflow import ingest_path
+
+    if not model_ready():
+        return "no trained reporter (run `verticals up` or `verticals medical-imaging train`)"
+    counter = {"next": 100_000}
+
+    def make(n: int) -> list[dict[str, Any]]:
+        paths = _dicom_slices(workdir, n, counter["next"])
+        counter["next"] += n
+        return [{"study_uid": uid} for p in paths for uid in ingest_path(p).study_uids]
+
+    def outcome(jobs: list[dict[str, Any]]) -> dict[str, int]:
+        uids = [j["study_uid"] for j in jobs]
+        with session_scope() as s:
+            drafted = set(s.scalars(select(Study.study_uid).join(Report, Report.study_id == Study.id)
+                                    .join(ReportVersion, ReportVersion.report_id == Report.id)
+                                    .where(Study.study_uid.in_(uids))))
+        return {"completed": len(drafted), "failed": len(set(uids) - drafted)}
+
+    return Probe("medical_imaging.draft_report", "medical_imaging", "home", make, outcome)
+
+
+# Each solution's main task first; a solution may have a second, model-bound task after its ingest.
+PROBES: dict[str, list[Callable[[Path, bool, Path], Probe | str]]] = {
+    "industrial_qa": [_iqa_probe], "customer_service": [_cs_probe], "medical_imaging": [_mi_probe, _mi_draft_probe]}
 
 
 # ---------------------------------------------------------------- the measurement
@@ -291,23 +326,25 @@ def run_capacity(solutions: list[str], jobs: int = 50, latency_jobs: int = 20, t
             upgrade("heads")
             backend = "redis" if not get_settings().embedded_broker else "embedded"
             for sol in solutions:
-                log(f"{sol}: preparing ...")
-                probe = PROBES[sol](data_root, tiny_models, root / sol)
-                if isinstance(probe, str):
-                    out[sol] = {"skipped": probe}
-                    log(f"{sol}: skipped ({probe})")
-                    continue
-                h = Harness(env=dict(os.environ), log_dir=root)
-                try:
-                    name = f"capacity-{sol}"
-                    h.start_worker(name, 1, (probe.queue,))
-                    h.wait_workers([name], timeout=120)
-                    log(f"{sol}: measuring {probe.task} ({probe.model} model) ...")
-                    out[sol] = {**measure(probe, jobs, latency_jobs), "broker": backend, "workers": 1,
-                                "worker_concurrency": 1}
-                finally:
-                    h.stop_all()
-                log(f"{sol}: {json.dumps(out[sol])}")
+                for i, make_probe in enumerate(PROBES[sol]):
+                    key = sol if i == 0 else f"{sol}.{make_probe.__name__.removeprefix('_mi_').removesuffix('_probe')}"
+                    log(f"{key}: preparing ...")
+                    probe = make_probe(data_root, tiny_models, root / sol)
+                    if isinstance(probe, str):
+                        out[key] = {"skipped": probe}
+                        log(f"{key}: skipped ({probe})")
+                        continue
+                    h = Harness(env=dict(os.environ), log_dir=root)
+                    try:
+                        name = f"capacity-{sol}"
+                        h.start_worker(name, 1, (probe.queue,))
+                        h.wait_workers([name], timeout=120)
+                        log(f"{key}: measuring {probe.task} ({probe.model} model) ...")
+                        out[key] = {**measure(probe, jobs, latency_jobs), "broker": backend, "workers": 1,
+                                    "worker_concurrency": 1}
+                    finally:
+                        h.stop_all()
+                    log(f"{key}: {json.dumps(out[key])}")
     return out
 
 

@@ -20,6 +20,7 @@ def test_capacity_measures_medical_ingest_and_skips_missing_models(tmp_home: Pat
     # no detector trained in this home: skipped with an actionable reason, not measured on nothing
     assert "no trained detector" in res["industrial_qa"]["skipped"]
     assert "--tiny-models" in res["industrial_qa"]["skipped"]
+    assert "no trained reporter" in res["medical_imaging.draft"]["skipped"]
 
 
 def test_capacity_cli_rejects_unknown_solution(tmp_home: Path) -> None:
