@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     auto_train: bool = True
 
-    # Per-solution knobs (``VERTICALS_<SOLUTION>_<NAME>``)
+    # Per-solution knobs
+    # Reply model of customer service: "verticals" (the core LM via ChatVerticals), "template" (KB
+    # templates only) or "package.module:ClassName" (any LangChain chat model).
+    cs_chat_model: str = "verticals"
     medical_imaging_threads: int = 1  # torch intra-op threads for reporter training/evaluation
     medical_imaging_pseudonym_map: Path | None = None  # keep original->pseudonym map here (0600); unset: none kept
 

@@ -22,7 +22,6 @@ suggested next action (STAR's responses), so the agent always gets an editable s
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ import numpy as np
 
 from solutions.customer_service.pii import mask_pii
 
-CHAT_MODEL_ENV = "VERTICALS_CS_CHAT_MODEL"  # "verticals" (default) | "template" | "package.module:ClassName"
 INJECTION = re.compile(
     r"(ignore|disregard|forget|override)\b[^.!?\n]{0,40}\b(instruction|rule|prompt|previous|above|guideline)s?"
     r"|\byou are (now|no longer)\b|\b(system|developer) (prompt|message|mode)\b|\bact as\b|\bjailbreak\b"
@@ -128,7 +126,9 @@ def _state_text(state: dict[str, Any]) -> str:
 
 def default_chat_model() -> Any:
     """The configured chat model: ChatVerticals by default, ``None`` = KB-template replies."""
-    choice = os.environ.get(CHAT_MODEL_ENV, "verticals").strip()
+    from core.settings import get_settings
+
+    choice = get_settings().cs_chat_model.strip()  # VERTICALS_CS_CHAT_MODEL
     if choice == "template":
         return None
     if choice == "verticals":
