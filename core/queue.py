@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import sys
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -169,12 +171,41 @@ def _consumed_queues(sender: Any) -> list[str]:
         return []
 
 
+def worker_threads(queues: list[str], configured: int = 0) -> int:
+    """Math threads per task slot: the setting if > 0, else all cores for training and 1 elsewhere.
+
+    Serving workers run one item per slot; extra threads only wait on cores that other slots and
+    processes hold (measured: single-image inspection p95 28.6 ms with 1 thread vs 248-448 ms with 2
+    on the busy 2-core VM). Training runs alone on its queue and uses every core.
+    """
+    if configured > 0:
+        return configured
+    return max(1, os.cpu_count() or 1) if "training" in queues else 1
+
+
+def _apply_threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)  # read by torch/numpy when a pool child first imports them
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+@signals.worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    """Each pool child: the parent's thread choice (a fork may not carry torch's pool size)."""
+    if "threads" in _worker_state:
+        _apply_threads(_worker_state["threads"])
+
+
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Main worker process, before the pool forks: metrics in multiprocess mode + /metrics server."""
+    """Main worker process, before the pool forks: threads per slot, metrics in multiprocess mode +
+    /metrics server."""
     from core import metrics
 
     s = get_settings()
+    _worker_state["threads"] = worker_threads(_consumed_queues(sender), s.worker_threads)
+    _apply_threads(_worker_state["threads"])
     name = getattr(sender, "hostname", None) or "worker"
     metrics.prepare_multiprocess_dir(s.home, name)
     port = metrics.serve(name, "127.0.0.1" if s.console_host == "127.0.0.1" else "0.0.0.0",

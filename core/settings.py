@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = None  # "user:password" for Flower; required outside local mode
 
     worker_concurrency: int = 1
+    worker_threads: int = 0  # torch/OpenMP threads per task slot; 0 = auto (all cores for training, else 1)
     task_soft_time_limit: int = 3600
     task_time_limit: int = 3900
     visibility_timeout: int = 4 * 3600

@@ -27,6 +27,7 @@ def health(self: Any, note: str = "") -> dict[str, Any]:
         "worker": self.request.hostname,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS") or 0),
         "note": note,
     }
 

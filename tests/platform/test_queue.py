@@ -28,3 +28,15 @@ def test_health_task_round_trip_on_embedded_broker(embedded_worker) -> None:
     assert out["ok"] is True and out["db"] == "sqlite" and out["note"] == "ping"
     assert out["pid"] != __import__("os").getpid()  # it ran in the worker process
     assert out["worker"].startswith("test-platform@")
+    assert out["threads"] == 1  # serving queues: one math thread per task slot by default
+
+
+def test_worker_threads_policy() -> None:
+    import os
+
+    from core.queue import worker_threads
+
+    assert worker_threads(["industrial_qa"]) == 1
+    assert worker_threads(["platform"]) == 1
+    assert worker_threads(["training"]) == max(1, os.cpu_count() or 1)
+    assert worker_threads(["customer_service"], configured=3) == 3
