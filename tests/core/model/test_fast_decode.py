@@ -80,3 +80,24 @@ def test_fast_decode_generates_the_same_tokens_as_plain_torch(monkeypatch: pytes
         monkeypatch.setattr(deepseek, "FAST_MATVEC", True)
         step = m(ids[:, -1:], cache=cache)[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_absorbed_weights_follow_weight_updates() -> None:
+    torch.manual_seed(0)
+    m = DeepseekV3(ModelArgs(**TINY)).eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+
+    def step_vs_full() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            cache = m.new_cache(1, 16)
+            m(ids[:, :-1], cache=cache)
+            return m(ids[:, -1:], cache=cache)[:, -1], m(ids)[:, -1]
+
+    a, full_a = step_vs_full()
+    torch.testing.assert_close(a, full_a, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # e.g. an optimizer step or load_state_dict between generations
+        for layer in m.model.layers:
+            layer.self_attn.kv_b_proj.weight.mul_(1.5)
+    b, full_b = step_vs_full()
+    assert not torch.allclose(full_a, full_b, atol=1e-3)  # the change matters ...
+    torch.testing.assert_close(b, full_b, rtol=1e-4, atol=1e-4)  # ... and the cached copies saw it
