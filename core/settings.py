@@ -57,6 +57,7 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = 1
     worker_threads: int = 0  # torch/OpenMP threads per task slot; 0 = auto (all cores for training, else 1)
+    quant_threads: int = 0  # threads of the quantized/fp32 C kernels; 0 = torch's thread count
     task_soft_time_limit: int = 3600
     task_time_limit: int = 3900
     visibility_timeout: int = 4 * 3600

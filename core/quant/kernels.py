@@ -213,7 +213,8 @@ _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
 _lock = threading.Lock()
 _backend_override: Backend | None = None
-_threads: int | None = int(os.environ["VERTICALS_QUANT_THREADS"]) if os.environ.get("VERTICALS_QUANT_THREADS") else None
+_threads: int | None = None  # set_threads() override
+_configured_threads: int | None = None  # VERTICALS_QUANT_THREADS (Settings.quant_threads), read once
 
 
 def _cache_dir() -> Path:
@@ -295,7 +296,14 @@ def set_threads(n: int | None) -> None:
 
 
 def kernel_threads() -> int:
-    return _threads or torch.get_num_threads()
+    global _configured_threads
+    if _threads:
+        return _threads
+    if _configured_threads is None:
+        from core.settings import get_settings
+
+        _configured_threads = max(0, get_settings().quant_threads)
+    return _configured_threads or torch.get_num_threads()
 
 
 def active_backend() -> Backend:

@@ -30,3 +30,26 @@ def test_decode_timing_sets_and_restores_threads(monkeypatch) -> None:  # type: 
     assert seen == [(1, 1)]
     assert set(out) == {"a", "b"} and all(v > 0 for v in out.values())
     assert torch.get_num_threads() == before and kernels._threads is None
+
+
+def test_quant_threads_setting(monkeypatch) -> None:  # noqa: ANN001
+    import torch
+
+    from core.quant import kernels
+    from core.settings import reset_settings
+
+    monkeypatch.setattr(kernels, "_threads", None)
+    monkeypatch.setattr(kernels, "_configured_threads", None)
+    monkeypatch.setenv("VERTICALS_QUANT_THREADS", "3")
+    reset_settings()
+    try:
+        assert kernels.kernel_threads() == 3
+        monkeypatch.setattr(kernels, "_configured_threads", None)
+        monkeypatch.setenv("VERTICALS_QUANT_THREADS", "0")
+        reset_settings()
+        assert kernels.kernel_threads() == torch.get_num_threads()
+        kernels.set_threads(1)
+        assert kernels.kernel_threads() == 1
+    finally:
+        kernels.set_threads(None)
+        reset_settings()
