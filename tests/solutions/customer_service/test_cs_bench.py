@@ -1,0 +1,22 @@
+"""`verticals customer-service bench`: per-turn latency and batched throughput on real SGD dev turns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "customer_service"
+
+
+def test_bench_reports_latency_and_throughput(tiny_home: Path) -> None:
+    from solutions.customer_service.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "--data-root", str(SHARED), "--dialogues", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["turns"] >= 1
+    assert 0 < res["latency_ms_p50"] <= res["latency_ms_p95"]
+    assert res["turns_per_s_single"] > 0 and res["turns_per_s_batched"] > 0
+    assert res["batched_over_single"] > 0
