@@ -31,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,18 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from core.errors import DataError
 
 SOLUTIONS = ("industrial_qa", "customer_service", "medical_imaging")
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 @dataclass
@@ -85,6 +78,7 @@ def _iqa_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
     if model == "none":
         if not tiny:
             return "no trained detector for any line (run `verticals up` or `verticals industrial-qa train`), or pass --tiny-models"
+        from solutions.industrial_qa.detector import DetectorConfig
         from solutions.industrial_qa.evaluation import train_line
         from solutions.industrial_qa.service import record_model_version
 
@@ -92,7 +86,7 @@ def _iqa_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
         sub.mkdir(parents=True)
         for p in sorted((src / "train" / "good").iterdir())[:24]:
             (sub / p.name).symlink_to(p)
-        version, folder, _ = train_line(sub.parent.parent, line, _tiny_iqa_config())
+        version, folder, _ = train_line(sub.parent.parent, line, DetectorConfig.tiny())
         record_model_version(line, version, folder)
         model = "tiny"
     images = sorted(p for p in (src / "test").rglob("*") if p.suffix.lower() in (".jpg", ".png", ".bmp"))
@@ -112,18 +106,6 @@ def _iqa_probe(data_root: Path, tiny: bool, workdir: Path) -> Probe | str:
 
     return Probe("industrial_qa.inspect", "industrial_qa", model if model == "tiny" else f"home (line {line})",
                  make, outcome)
-
-
-def _tiny_iqa_config() -> Any:
-    from solutions.industrial_qa.detector import DetectorConfig
-    from solutions.industrial_qa.features import FeatureConfig
-
-    fields = {"image_size": 64, "widths": (8, 16, 24, 32), "steps": 6, "batch_size": 4}
-    known = set(getattr(FeatureConfig, "__dataclass_fields__", {}))
-    feat = FeatureConfig(**{k: v for k, v in fields.items() if k in known})
-    dknown = set(getattr(DetectorConfig, "__dataclass_fields__", {}))
-    extra = {k: v for k, v in {"coreset_size": 64, "min_holdout": 4, "batch_size": 8}.items() if k in dknown}
-    return DetectorConfig(features=feat, **extra)
 
 
 # ---------------------------------------------------------------- customer service
@@ -282,8 +264,8 @@ def measure(probe: Probe, jobs: int, latency_jobs: int, timeout: float = 1800.0)
     total = len(warm) + len(serial) + len(burst)
     return {"task": probe.task, "model": probe.model, "jobs": len(burst), "jobs_per_s": round(len(burst) / dt, 2),
             "burst_seconds": round(dt, 2), "latency_jobs": len(serial),
-            "latency_ms_p50": round(statistics.median(lat), 1) if lat else None,
-            "latency_ms_p95": round(_pct(lat, 0.95), 1) if lat else None,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
             "submitted": total, **counts, "lost": total - counts["completed"] - counts["failed"]}
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import time
-from functools import lru_cache
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +53,13 @@ class DetectorConfig:
     background: Background = "median"  # subtract each part's median map level before scoring
     blur_sigma: float = 4.0
     batch_size: int = 32
+
+    @classmethod
+    def tiny(cls) -> DetectorConfig:
+        """A seconds-to-train config (64 px, narrow net, 6 SSL steps) for tests and plumbing
+        measurements (`verticals capacity --tiny-models`): exercises every stage, not quality."""
+        return cls(features=FeatureConfig(image_size=64, widths=(8, 16, 24, 32), steps=6, batch_size=4),
+                   coreset_size=64, min_holdout=4, batch_size=8)
 
     def to_dict(self) -> dict:
         d = asdict(self)

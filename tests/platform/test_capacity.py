@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -30,10 +29,3 @@ def test_capacity_cli_rejects_unknown_solution(tmp_home: Path) -> None:
     assert r.exit_code != 0
     assert "unknown solution" in r.output
 
-
-def test_percentile_helper() -> None:
-    from core.capacity import _pct
-
-    assert _pct([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
-    assert _pct(list(map(float, range(1, 101))), 0.95) == 95.0
-    assert json.dumps(_pct([], 0.5)) == "NaN"

@@ -40,10 +40,8 @@ def tiny_mvtec(iqa_src: Path, tmp_path: Path) -> Path:
 
 def _tiny_config():  # noqa: ANN202
     from solutions.industrial_qa.detector import DetectorConfig
-    from solutions.industrial_qa.features import FeatureConfig
 
-    return DetectorConfig(features=FeatureConfig(image_size=64, widths=(8, 16, 24, 32), steps=6, batch_size=4),
-                          coreset_size=64, min_holdout=4, batch_size=8)
+    return DetectorConfig.tiny()
 
 
 @pytest.fixture
