@@ -161,36 +161,35 @@ class ModelArgs:
 # ---------------------------------------------------------------------------------------------------
 # Primitives
 # ---------------------------------------------------------------------------------------------------
-# Batch-1 fp32 inference (1-4 rows: decode, speculative verify) routes plain nn.Linear layers through
-# a C matrix-vector kernel (the quant
-# runtime's kernel library, ``core.quant.kernels.f32_matvec``): decode is memory-bound and MKL's sgemm
-# at M=1 streams weights at about half the speed. Anything else (training, batches, quantized or
-# hooked modules, no C compiler) takes the module's own forward. ``FAST_MATVEC = False`` turns it off.
+# Batch-1 fp32 inference (up to F32_MAX_ROWS rows: decode, speculative verify) routes plain nn.Linear
+# layers through a C matrix-vector kernel (the quant runtime's kernel library,
+# ``core.quant.kernels.f32_matvec``): decode is memory-bound and MKL's sgemm at M=1 streams weights at
+# about half the speed. Anything else (training, batches, quantized or hooked modules, no C compiler)
+# takes the module's own forward. ``FAST_MATVEC = False`` turns it off.
 FAST_MATVEC = True
 _matvec: Any = None
+_matvec_rows = 0  # the kernel's row limit (core.quant.kernels.F32_MAX_ROWS), read on first use
 
 
 def _fast_matvec() -> Any:
-    global _matvec
+    global _matvec, _matvec_rows
     if _matvec is None:
-        try:
-            from core.quant.kernels import f32_matvec
-        except ImportError:  # pragma: no cover - the quant runtime is part of core
-            f32_matvec = False
-        _matvec = f32_matvec
+        from core.quant.kernels import F32_MAX_ROWS, f32_matvec
+
+        _matvec, _matvec_rows = f32_matvec, F32_MAX_ROWS
     return _matvec
 
 
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)``; for 1-4 fp32 rows at inference with a plain, hook-free ``nn.Linear``, the C kernel."""
-    if (FAST_MATVEC and type(m) is nn.Linear and x.numel() <= 4 * m.in_features and not torch.is_grad_enabled()
+    """``m(x)``; for a few fp32 rows at inference with a plain, hook-free ``nn.Linear``, the C kernel."""
+    mv = _matvec or (_fast_matvec() if FAST_MATVEC else None)
+    if (FAST_MATVEC and type(m) is nn.Linear and x.numel() <= _matvec_rows * m.in_features
+            and not torch.is_grad_enabled()
             and not m._forward_hooks and not m._forward_pre_hooks and not nn.modules.module._global_forward_hooks
             and not nn.modules.module._global_forward_pre_hooks):
-        mv = _fast_matvec()
-        if mv:
-            y = mv(x, m.weight, m.bias)
-            if y is not None:
-                return y
+        y = mv(x, m.weight, m.bias)
+        if y is not None:
+            return y
     return m(x)
 
 
