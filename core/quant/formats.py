@@ -164,6 +164,28 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minv: torch.Tenso
     return w.view(N, K)
 
 
+# ---------------------------------------------------------------------------------------------------
+# int8 activations (what the integer-dot kernels multiply by): symmetric, one scale per block of a row
+# ---------------------------------------------------------------------------------------------------
+def quantize_activation_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) float -> (xq int8 (..., K) in -127..127, d fp32 (..., K/block)) with x ~= xq * d, computed
+    exactly as the C kernel does (d = absmax / 127, xq = round-half-even(x * (127 / absmax)), in fp32)."""
+    K = x.shape[-1]
+    if block <= 0 or K % block:
+        raise ConfigError(f"input width {K} is not a multiple of the activation block {block}")
+    xb = x.detach().float().reshape(*x.shape[:-1], K // block, block)
+    amax = xb.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return xq.reshape(x.shape), amax / 127.0
+
+
+def dequantize_activation_int8(xq: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    K = xq.shape[-1]
+    block = K // d.shape[-1]
+    return (xq.float().reshape(*xq.shape[:-1], -1, block) * d[..., None]).reshape(xq.shape)
+
+
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip_search: bool = True) -> torch.Tensor:
     """Quantize then dequantize w (N, K) with ``spec`` (used for sensitivity scans and GPTQ checks)."""
     if spec.bits == 16:

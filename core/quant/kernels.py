@@ -41,10 +41,19 @@ ROW_THRESHOLD = 32  # rows of x up to which the C kernel is used; above it dequa
 
 _C_SOURCE = r"""
 #include <stdint.h>
-#ifdef __AVX512F__
+#include <stdlib.h>
+#include <math.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <omp.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define USE_AVX2 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define INT_DOT_AVX2 1  /* integer-dot kernels: AVX2 maddubs/madd (also on AVX-512 CPUs) */
+#endif
 
 static inline float h2f(uint16_t h) {
 #ifdef __F16C__
@@ -58,6 +67,15 @@ static inline float h2f(uint16_t h) {
   float f; __builtin_memcpy(&f, &o, 4); return f;
 #endif
 }
+
+#if defined(__AVX2__)
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 /* fp32 batch-1 matvec y[n] = sum_k x[k] * w[n, k] (+ bias[n]): the core LM's decode step. MKL's
    sgemm at M=1 streams a 512x512 weight at ~8 GB/s on the reference CPU; this loop reaches ~15 GB/s. */
@@ -74,6 +92,16 @@ void f32_mv(const float* x, const float* w, const float* bias, float* y, int N, 
       a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(wr + k + 16), a1);
     }
     o = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(USE_AVX2)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(wr + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(wr + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(wr + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(wr + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(wr + k), a0);
+    o = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #else
     o = 0.f;
 #endif
@@ -101,6 +129,15 @@ void f32_mm(const float* x, const float* w, const float* bias, float* y, int M, 
           acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)(m0 + i) * K + k), wv, acc[i]);
       }
       for (int i = 0; i < mb; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+#elif defined(USE_AVX2)
+      __m256 acc[4];
+      for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+      for (; k + 8 <= K; k += 8) {
+        __m256 wv = _mm256_loadu_ps(wr + k);
+        for (int i = 0; i < mb; i++)
+          acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)(m0 + i) * K + k), wv, acc[i]);
+      }
+      for (int i = 0; i < mb; i++) out[i] = hsum8(acc[i]);
 #else
       for (int i = 0; i < mb; i++) out[i] = 0.f;
 #endif
@@ -114,7 +151,7 @@ void f32_mm(const float* x, const float* w, const float* bias, float* y, int M, 
 }
 
 #define MB 4
-/* y[m, n] = s[n] * sum_k x[m, k] * w[n, k] (+ bias[n]);  x (M, K) fp32, w (N, K) int8 */
+/* Float-activation int8: y[m, n] = s[n] * sum_k x[m, k] * w[n, k] (+ bias[n]);  x (M, K) fp32, w (N, K) int8 */
 void w8_mm(const float* x, const int8_t* w, const float* s, const float* bias, float* y,
            int M, int N, int K, int nth) {
   #pragma omp parallel for num_threads(nth) schedule(dynamic, 16)
@@ -123,33 +160,38 @@ void w8_mm(const float* x, const int8_t* w, const float* s, const float* bias, f
     for (int m0 = 0; m0 < M; m0 += MB) {
       int mb = M - m0 < MB ? M - m0 : MB;
       float out[MB];
+      int k = 0;
 #ifdef __AVX512F__
       __m512 acc[MB];
       for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
-      int k = 0;
       for (; k + 16 <= K; k += 16) {
         __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k))));
         for (int i = 0; i < mb; i++)
           acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)(m0 + i) * K + k), wv, acc[i]);
       }
-      for (int i = 0; i < mb; i++) {
-        out[i] = _mm512_reduce_add_ps(acc[i]);
-        for (int kk = k; kk < K; kk++) out[i] += x[(int64_t)(m0 + i) * K + kk] * (float)wr[kk];
+      for (int i = 0; i < mb; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+#elif defined(USE_AVX2)
+      __m256 acc[MB];
+      for (int i = 0; i < MB; i++) acc[i] = _mm256_setzero_ps();
+      for (; k + 8 <= K; k += 8) {
+        __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr + k))));
+        for (int i = 0; i < mb; i++)
+          acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)(m0 + i) * K + k), wv, acc[i]);
       }
+      for (int i = 0; i < mb; i++) out[i] = hsum8(acc[i]);
 #else
+      for (int i = 0; i < mb; i++) out[i] = 0.f;
+#endif
       for (int i = 0; i < mb; i++) {
         const float* xr = x + (int64_t)(m0 + i) * K;
-        float a = 0.f;
-        for (int k = 0; k < K; k++) a += xr[k] * (float)wr[k];
-        out[i] = a;
+        for (int kk = k; kk < K; kk++) out[i] += xr[kk] * (float)wr[kk];
+        y[(int64_t)(m0 + i) * N + n] = out[i] * s[n] + (bias ? bias[n] : 0.f);
       }
-#endif
-      for (int i = 0; i < mb; i++) y[(int64_t)(m0 + i) * N + n] = out[i] * s[n] + (bias ? bias[n] : 0.f);
     }
   }
 }
 
-/* int4: packed (N, K/2); byte j of group g holds code j (low) and j + G/2 (high);
+/* Float-activation int4: packed (N, K/2); byte j of group g holds code j (low) and j + G/2 (high);
    w = code * sc + mn with sc, mn fp16 (N, K/G);  xs (M, K/G) = per-group sums of x. */
 void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
            const float* bias, float* y, int M, int N, int K, int G, int nth) {
@@ -166,6 +208,9 @@ void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc
 #ifdef __AVX512F__
       __m512 tv[MB];  /* scaled group sums stay in registers: one horizontal add per row, not per group */
       for (int i = 0; i < MB; i++) tv[i] = _mm512_setzero_ps();
+#elif defined(USE_AVX2)
+      __m256 tv[MB];
+      for (int i = 0; i < MB; i++) tv[i] = _mm256_setzero_ps();
 #endif
       for (int g = 0; g < ng; g++) {
         const uint8_t* p = wr + g * h;
@@ -186,6 +231,22 @@ void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc
         }
         const __m512 sv = _mm512_set1_ps(s);
         for (int i = 0; i < mb; i++) tv[i] = _mm512_fmadd_ps(acc[i], sv, tv[i]);
+#elif defined(USE_AVX2)
+        const __m256i mask = _mm256_set1_epi32(15);
+        __m256 acc[MB];
+        for (int i = 0; i < MB; i++) acc[i] = _mm256_setzero_ps();
+        for (int j = 0; j < h; j += 8) {
+          __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + j)));
+          __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+          __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          for (int i = 0; i < mb; i++) {
+            const float* xg = x + (int64_t)(m0 + i) * K + g * G;
+            acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + j), lo, acc[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + j + h), hi, acc[i]);
+          }
+        }
+        const __m256 sv = _mm256_set1_ps(s);
+        for (int i = 0; i < mb; i++) tv[i] = _mm256_fmadd_ps(acc[i], sv, tv[i]);
 #else
         for (int i = 0; i < mb; i++) {
           const float* xg = x + (int64_t)(m0 + i) * K + g * G;
@@ -197,6 +258,8 @@ void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc
       }
 #ifdef __AVX512F__
       for (int i = 0; i < mb; i++) tot[i] = _mm512_reduce_add_ps(tv[i]);
+#elif defined(USE_AVX2)
+      for (int i = 0; i < mb; i++) tot[i] = hsum8(tv[i]);
 #endif
       for (int i = 0; i < mb; i++) {
         const float* xsr = xs + (int64_t)(m0 + i) * ng;
@@ -207,6 +270,247 @@ void w4_mm(const float* x, const float* xs, const uint8_t* w, const uint16_t* sc
     }
   }
 }
+
+/* ---- integer-dot kernels (llama.cpp Q4 x Q8 style) -------------------------------------------------
+   The activation rows are quantized once per call to int8 in blocks of B (B = the int4 group size, or
+   32/64 for int8 weights): xq = round(x / d), d = absmax(block) / 127, so |xq| <= 127. A block's dot
+   product with the weight codes is then an exact int32 sum (AVX2 maddubs + madd), scaled once by
+   d (x) the weight scale. For int4 w = code * sc + mn:  sum_k x w = sum_g d_g (sc_g isum(code xq) +
+   mn_g isum(xq)), so the second term needs only the per-block sums of xq (xs = d * isum(xq)). */
+
+/* x (M, K) -> xq (M, K) int8, d (M, K/B), xs (M, K/B) = d * sum(xq). B a multiple of 32. */
+void q8_rows(const float* x, int8_t* xq, float* d, float* xs, int M, int K, int B) {
+  int nb = K / B;
+  for (int m = 0; m < M; m++) {
+    for (int b = 0; b < nb; b++) {
+      const float* xb = x + (int64_t)m * K + (int64_t)b * B;
+      int8_t* qb = xq + (int64_t)m * K + (int64_t)b * B;
+      float amax = 0.f;
+      for (int i = 0; i < B; i++) { float a = fabsf(xb[i]); amax = a > amax ? a : amax; }
+      float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      int sum = 0;
+#ifdef INT_DOT_AVX2
+      const __m256 vid = _mm256_set1_ps(id);
+      const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      __m256i vs = _mm256_setzero_si256();
+      for (int i = 0; i < B; i += 32) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), vid));
+        __m256i b1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8), vid));
+        __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 16), vid));
+        __m256i e = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 24), vid));
+        vs = _mm256_add_epi32(vs, _mm256_add_epi32(_mm256_add_epi32(a, b1), _mm256_add_epi32(c, e)));
+        __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(a, b1), _mm256_packs_epi32(c, e));
+        _mm256_storeu_si256((__m256i*)(qb + i), _mm256_permutevar8x32_epi32(q, perm));
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vs), _mm256_extracti128_si256(vs, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+      sum = _mm_cvtsi128_si32(s4);
+#else
+      for (int i = 0; i < B; i++) { int q = (int)nearbyintf(xb[i] * id); qb[i] = (int8_t)q; sum += q; }
+#endif
+      d[(int64_t)m * nb + b] = dd;
+      xs[(int64_t)m * nb + b] = dd * (float)sum;
+    }
+  }
+}
+
+/* scratch for the quantized activation, one per calling thread (grown, never shrunk) */
+static __thread int8_t* tl_xq = 0;
+static __thread float* tl_d = 0;
+static __thread int64_t tl_cap = 0;
+static int scratch(int64_t n) {
+  if (n <= tl_cap) return 0;
+  free(tl_xq); free(tl_d);
+  tl_xq = (int8_t*)malloc(n + 64);
+  tl_d = (float*)malloc(sizeof(float) * (2 * (n / 32) + 16));
+  if (!tl_xq || !tl_d) { free(tl_xq); free(tl_d); tl_xq = 0; tl_d = 0; tl_cap = 0; return -1; }
+  tl_cap = n;
+  return 0;
+}
+
+#define NR 4  /* output rows per step: the activation loads are shared by NR weight rows */
+
+/* R rows of int8 weights (w8: row stride K) times one quantized activation row. out[r] unscaled by s. */
+static inline __attribute__((always_inline)) void w8q_rows(const int8_t* xr, const float* dr, const int8_t* w,
+                                                          int K, int B, int R, float* out) {
+  int nb = K / B;
+#ifdef INT_DOT_AVX2
+  const __m256i one16 = _mm256_set1_epi16(1);
+  __m256 acc[NR];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    __m256i is[NR];
+    for (int r = 0; r < R; r++) is[r] = _mm256_setzero_si256();
+    for (int j = 0; j < B; j += 32) {
+      __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + b * B + j));
+      for (int r = 0; r < R; r++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i*)(w + (int64_t)r * K + b * B + j));
+        __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+        is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(p, one16));
+      }
+    }
+    const __m256 dv = _mm256_set1_ps(dr[b]);
+    for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r]), dv, acc[r]);
+  }
+  for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]);
+#else
+  for (int r = 0; r < R; r++) {
+    const int8_t* wr = w + (int64_t)r * K;
+    float a = 0.f;
+    for (int b = 0; b < nb; b++) {
+      int s = 0;
+      for (int j = 0; j < B; j++) s += (int)xr[b * B + j] * (int)wr[b * B + j];
+      a += dr[b] * (float)s;
+    }
+    out[r] = a;
+  }
+#endif
+}
+
+/* y[m, n] = s[n] * sum_b d[m, b] isum_b(xq[m] w[n]) (+ bias[n]); x (M, K) fp32, w (N, K) int8; K % B == 0 */
+int w8q_mm(const float* x, const int8_t* w, const float* s, const float* bias, float* y,
+           int M, int N, int K, int B, int nth) {
+  if (scratch((int64_t)M * K)) return -1;
+  int8_t* xq = tl_xq;
+  float* d = tl_d;
+  float* xs = tl_d + (int64_t)M * (K / B) + 8;
+  q8_rows(x, xq, d, xs, M, K, B);
+  int nb = K / B, nq = (N + NR - 1) / NR;
+  #pragma omp parallel for num_threads(nth) schedule(static)
+  for (int t = 0; t < nq; t++) {
+    int n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
+    const int8_t* wq = w + (int64_t)n0 * K;
+    for (int m = 0; m < M; m++) {
+      float out[NR];
+      if (nr == NR) w8q_rows(xq + (int64_t)m * K, d + (int64_t)m * nb, wq, K, B, NR, out);
+      else for (int r = 0; r < nr; r++) w8q_rows(xq + (int64_t)m * K, d + (int64_t)m * nb, wq + (int64_t)r * K, K, B, 1, out + r);
+      for (int r = 0; r < nr; r++)
+        y[(int64_t)m * N + n0 + r] = out[r] * s[n0 + r] + (bias ? bias[n0 + r] : 0.f);
+    }
+  }
+  return 0;
+}
+
+/* R rows of packed int4 (row stride K/2 bytes, ng = K/G groups) times one quantized activation row. */
+static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, const float* dr, const float* xsr,
+                                                          const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
+                                                          int K, int G, int R, float* out) {
+  int ng = K / G, h = G / 2;
+  int64_t rb = K / 2;
+  float tail[NR];
+  for (int r = 0; r < R; r++) tail[r] = 0.f;
+#ifdef INT_DOT_AVX2
+  __m256 acc[NR];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  if (G >= 64) {
+    const __m256i m4 = _mm256_set1_epi8(15), one16 = _mm256_set1_epi16(1);
+    float scd[NR][64];  /* weight scale x activation scale of each group, 64 groups at a time */
+    for (int g = 0; g < ng; g++) {
+      if ((g & 63) == 0) {
+        int gn = ng - g < 64 ? ng - g : 64, i = 0;
+        for (; i + 8 <= gn; i += 8) {
+          __m256 dv = _mm256_loadu_ps(dr + g + i);
+          for (int r = 0; r < R; r++)
+            _mm256_storeu_ps(scd[r] + i, _mm256_mul_ps(dv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + r * ng + g + i)))));
+        }
+        for (; i < gn; i++) for (int r = 0; r < R; r++) scd[r][i] = dr[g + i] * h2f(sc[r * ng + g + i]);
+      }
+      __m256i is[NR];
+      for (int r = 0; r < R; r++) is[r] = _mm256_setzero_si256();
+      for (int j = 0; j < h; j += 32) {
+        __m256i xl = _mm256_loadu_si256((const __m256i*)(xr + g * G + j));
+        __m256i xh = _mm256_loadu_si256((const __m256i*)(xr + g * G + h + j));
+        for (int r = 0; r < R; r++) {
+          __m256i b = _mm256_loadu_si256((const __m256i*)(w + r * rb + g * h + j));
+          __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+          __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+          is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(p, one16));
+        }
+      }
+      for (int r = 0; r < R; r++)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r]), _mm256_broadcast_ss(scd[r] + (g & 63)), acc[r]);
+    }
+    for (int r = 0; r < R; r++) tail[r] = hsum8(acc[r]);
+  } else { /* G == 32: one 16-byte group per step */
+    const __m128i m4 = _mm_set1_epi8(15), one16 = _mm_set1_epi16(1);
+    __m128 a4[NR];
+    for (int r = 0; r < R; r++) a4[r] = _mm_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+      __m128i xl = _mm_loadu_si128((const __m128i*)(xr + g * 32));
+      __m128i xh = _mm_loadu_si128((const __m128i*)(xr + g * 32 + 16));
+      const float dg = dr[g];
+      for (int r = 0; r < R; r++) {
+        __m128i b = _mm_loadu_si128((const __m128i*)(w + r * rb + g * 16));
+        __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+        __m128i p = _mm_add_epi16(_mm_maddubs_epi16(lo, xl), _mm_maddubs_epi16(hi, xh));
+        a4[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(p, one16)), _mm_set1_ps(h2f(sc[r * ng + g]) * dg), a4[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      __m128 s = _mm_add_ps(a4[r], _mm_movehl_ps(a4[r], a4[r]));
+      s = _mm_add_ss(s, _mm_movehdup_ps(s));
+      tail[r] = _mm_cvtss_f32(s);
+    }
+  }
+#else
+  for (int r = 0; r < R; r++) {
+    const uint8_t* wr = w + r * rb;
+    float a = 0.f;
+    for (int g = 0; g < ng; g++) {
+      int s = 0;
+      for (int j = 0; j < h; j++) {
+        uint8_t b = wr[g * h + j];
+        s += (int)(b & 15) * (int)xr[g * G + j] + (int)(b >> 4) * (int)xr[g * G + h + j];
+      }
+      a += h2f(sc[r * ng + g]) * dr[g] * (float)s;
+    }
+    tail[r] = a;
+  }
+#endif
+  for (int r = 0; r < R; r++) {
+    float t = tail[r];
+    int g = 0;
+#ifdef INT_DOT_AVX2
+    __m256 mv = _mm256_setzero_ps();
+    for (; g + 8 <= ng; g += 8)
+      mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + r * ng + g))),
+                           _mm256_loadu_ps(xsr + g), mv);
+    t += hsum8(mv);
+#endif
+    for (; g < ng; g++) t += h2f(mn[r * ng + g]) * xsr[g];
+    out[r] = t;
+  }
+}
+
+/* y = x W^T (+ bias) with W int4 (packed (N, K/2), sc/mn fp16 (N, K/G)), x quantized to int8 per group */
+int w4q_mm(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, const float* bias, float* y,
+           int M, int N, int K, int G, int nth) {
+  if (scratch((int64_t)M * K)) return -1;
+  int8_t* xq = tl_xq;
+  float* d = tl_d;
+  float* xs = tl_d + (int64_t)M * (K / G) + 8;
+  q8_rows(x, xq, d, xs, M, K, G);
+  int ng = K / G, nq = (N + NR - 1) / NR;
+  #pragma omp parallel for num_threads(nth) schedule(static)
+  for (int t = 0; t < nq; t++) {
+    int n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
+    const uint8_t* wq = w + (int64_t)n0 * (K / 2);
+    const uint16_t* scq = sc + (int64_t)n0 * ng;
+    const uint16_t* mnq = mn + (int64_t)n0 * ng;
+    for (int m = 0; m < M; m++) {
+      float out[NR];
+      const int8_t* xr = xq + (int64_t)m * K;
+      const float* dr = d + (int64_t)m * ng;
+      const float* xsr = xs + (int64_t)m * ng;
+      if (nr == NR) w4q_rows(xr, dr, xsr, wq, scq, mnq, K, G, NR, out);
+      else for (int r = 0; r < nr; r++)
+        w4q_rows(xr, dr, xsr, wq + (int64_t)r * (K / 2), scq + (int64_t)r * ng, mnq + (int64_t)r * ng, K, G, 1, out + r);
+      for (int r = 0; r < nr; r++) y[(int64_t)m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.f);
+    }
+  }
+  return 0;
+}
 """
 
 _lib: ctypes.CDLL | None = None
@@ -215,6 +519,8 @@ _lock = threading.Lock()
 _backend_override: Backend | None = None
 _threads: int | None = None  # set_threads() override
 _configured_threads: int | None = None  # VERTICALS_QUANT_THREADS (Settings.quant_threads), read once
+_act_quant = True  # integer-dot kernels (int8 activations); False = float-activation kernels
+_row_threshold = ROW_THRESHOLD
 
 
 def _cache_dir() -> Path:
@@ -260,6 +566,12 @@ def _build() -> ctypes.CDLL:
     lib.f32_mv.restype = None
     lib.f32_mm.argtypes = [P, P, P, P, Ci, Ci, Ci, Ci]
     lib.f32_mm.restype = None
+    lib.q8_rows.argtypes = [P, P, P, P, Ci, Ci, Ci]
+    lib.q8_rows.restype = None
+    lib.w8q_mm.argtypes = [P, P, P, P, P, Ci, Ci, Ci, Ci, Ci]
+    lib.w8q_mm.restype = Ci
+    lib.w4q_mm.argtypes = [P, P, P, P, P, P, Ci, Ci, Ci, Ci, Ci]
+    lib.w4q_mm.restype = Ci
     return lib
 
 
@@ -286,6 +598,29 @@ def set_backend(backend: Backend | None) -> None:
     """Force a backend for every quantized Linear (None = automatic: C kernel when built)."""
     global _backend_override
     _backend_override = backend
+
+
+def set_activation_quant(on: bool | None) -> None:
+    """Integer-dot kernels (activation rows quantized to int8 per block, the default) or the float-activation
+    kernels (exact: x stays fp32, the weight codes are widened to fp32). None = the default (on)."""
+    global _act_quant
+    _act_quant = True if on is None else bool(on)
+
+
+def activation_quant() -> bool:
+    return _act_quant
+
+
+def set_row_threshold(n: int | None) -> None:
+    """Rows of x up to which the C kernel is used (None = ``ROW_THRESHOLD``). The bench raises it to run
+    perplexity through the decode kernels, which measures what activation quantization costs in quality."""
+    global _row_threshold
+    _row_threshold = ROW_THRESHOLD if n is None else int(n)
+
+
+def act_block(K: int) -> int:
+    """Activation quantization block of the int8 integer-dot kernel for input width K (0 = K unsupported)."""
+    return 64 if K % 64 == 0 else 32 if K % 32 == 0 else 0
 
 
 def set_threads(n: int | None) -> None:
@@ -316,22 +651,31 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _kernel_lib(x: torch.Tensor, M: int, backend: Backend | None) -> ctypes.CDLL | None:
+    """The kernel library when the C kernel takes this call (fp32 rows, at most the row threshold, no
+    autograd, backend not forced to dequant), else None. Kept lean: it runs ~70 times per decoded token."""
+    if ((backend or _backend_override) == "dequant" or M > _row_threshold or x.dtype != torch.float32
+            or x.requires_grad or x.device.type != "cpu"):
+        return None
+    return _lib if _lib is not None else c_library()
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 backend: Backend | None = None) -> torch.Tensor:
     """x (..., K) fp32, q int8 (N, K), scale fp32 (N,) -> (..., N)."""
     K = x.shape[-1]
     N = q.shape[0]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    be = backend or active_backend()
-    if be == "c" and M <= ROW_THRESHOLD and x.dtype == torch.float32 and not x.requires_grad:
-        lib = c_library()
-        if lib is not None:
-            x2 = x2.contiguous()
-            y = torch.empty(M, N, dtype=torch.float32)
-            lib.w8_mm(x2.data_ptr(), q.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(),
-                      M, N, K, kernel_threads())
-            return y.view(*x.shape[:-1], N)
+    M = x.numel() // K if K else 0
+    lib = _kernel_lib(x, M, backend)
+    if lib is not None:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
+        B, nth = act_block(K), kernel_threads()
+        if not (_act_quant and B and lib.w8q_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), _ptr(bias),
+                                               y.data_ptr(), M, N, K, B, nth) == 0):
+            lib.w8_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), M, N, K, nth)
+        return y
     return F.linear(x, dequantize_int8(q, scale).to(x.dtype), bias)
 
 
@@ -370,19 +714,20 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minv
     """x (..., K) fp32, packed uint8 (N, K/2), scale/minv fp16 or fp32 (N, K/G) -> (..., N)."""
     K = x.shape[-1]
     N = packed.shape[0]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    be = backend or active_backend()
-    if (be == "c" and M <= ROW_THRESHOLD and x.dtype == torch.float32 and not x.requires_grad
-            and scale.dtype == torch.float16):
-        lib = c_library()
-        if lib is not None:
-            x2 = x2.contiguous()
-            xs = x2.view(M, K // group_size, group_size).sum(-1).contiguous()  # (M, K/G)
-            y = torch.empty(M, N, dtype=torch.float32)
-            lib.w4_mm(x2.data_ptr(), xs.data_ptr(), packed.data_ptr(), scale.data_ptr(), minv.data_ptr(),
-                      _ptr(bias), y.data_ptr(), M, N, K, group_size, kernel_threads())
-            return y.view(*x.shape[:-1], N)
+    M = x.numel() // K if K else 0
+    lib = _kernel_lib(x, M, backend)
+    if lib is not None and scale.dtype == torch.float16 and minv.dtype == torch.float16:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
+        nth = kernel_threads()
+        if not (_act_quant and group_size % 32 == 0 and lib.w4q_mm(
+                x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minv.data_ptr(), _ptr(bias), y.data_ptr(),
+                M, N, K, group_size, nth) == 0):
+            xs = x.view(M, K // group_size, group_size).sum(-1).contiguous()  # (M, K/G)
+            lib.w4_mm(x.data_ptr(), xs.data_ptr(), packed.data_ptr(), scale.data_ptr(), minv.data_ptr(),
+                      _ptr(bias), y.data_ptr(), M, N, K, group_size, nth)
+        return y
     w = dequantize_int4(packed, scale, minv, group_size).to(x.dtype)
     return F.linear(x, w, bias)
 
@@ -420,8 +765,22 @@ def microbench(N: int = 2048, K: int = 2048, rows: int = 1, group_size: int = 64
         "int4_dequant_matmul": lambda: int4_linear(x, p4, sc, mn, group_size, backend="dequant"),
     }
     if c_library() is not None:
+        fns["fp32_c_matvec"] = lambda: f32_matvec(x, w)
         fns["int8_c_kernel"] = lambda: int8_linear(x, q8, s8, backend="c")
         fns["int4_c_kernel"] = lambda: int4_linear(x, p4, sc, mn, group_size, backend="c")
+
+        def float_act(f):  # the same kernels with fp32 activations (no activation quantization)
+            def run() -> None:
+                old = _act_quant
+                set_activation_quant(False)
+                try:
+                    f()
+                finally:
+                    set_activation_quant(old)
+            return run
+
+        fns["int8_c_kernel_fp32_act"] = float_act(lambda: int8_linear(x, q8, s8, backend="c"))
+        fns["int4_c_kernel_fp32_act"] = float_act(lambda: int4_linear(x, p4, sc, mn, group_size, backend="c"))
     try:
         torch._weight_int8pack_mm(x, q8, s8)
         fns["int8_torch_weight_int8pack_mm"] = lambda: torch._weight_int8pack_mm(x, q8, s8)

@@ -119,6 +119,10 @@ class QuantLinear(nn.Module):
         return self.dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.input_scale is None:  # the common case, kept short (decode)
+            if self.minv is None:
+                return int8_linear(x, self.qweight, self.scale, self.bias)
+            return int4_linear(x, self.qweight, self.scale, self.minv, self.spec.group_size, self.bias)
         dt = x.dtype
         x = x.float()
         if self.input_scale is not None:
