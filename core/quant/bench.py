@@ -5,6 +5,7 @@
    thread count (1 vs all), picked by measurement and used for the rest of the run.
 3. Perplexity on held-out text of the default core LM (trained first when absent) in fp32, int8,
    int4 (group 64, GPTQ), mixed, and torch's dynamic int8 (``quantize_dynamic``) as the peer.
+   int8/int4/mixed also through the decode kernels (``ppl_int8_act``: activations quantized to int8).
 4. Batch-1 decode tokens/s on a ~100M-parameter DeepSeek-V3 config (random weights: speed only),
    each format timed in interleaved rounds; bandwidth fraction = tokens/s x bytes of weights read per
    token (routed experts counted at top_k / n_routed) / copy bandwidth.
@@ -222,6 +223,19 @@ def run_bench(*, quick: bool = False, distill_steps: int = 300, decode_tokens: i
     base_ppl = formats["fp32"]["ppl"]
     for v in formats.values():
         v["ppl_vs_fp32"] = v["ppl"] / base_ppl - 1
+    # "ppl" above multiplies fp32 activations (dequant + BLAS for many rows). Decode runs the integer-dot
+    # kernels, which quantize each activation row to int8 per block: the same perplexity through them
+    # (row threshold lifted) is what that costs in quality.
+    if kernels.c_library() is not None and kernels.activation_quant():
+        kernels.set_row_threshold(1 << 30)
+        try:
+            for name in ("int8", "int4", "mixed"):
+                p = perplexity(q_models[name][0], held)
+                formats[name]["ppl_int8_act"] = p
+                formats[name]["ppl_int8_act_vs_fp32"] = p / base_ppl - 1
+                _log(f"{name} through the int8-activation kernels: ppl {p:.4f}")
+        finally:
+            kernels.set_row_threshold(None)
 
     # Speed: the ~100M config, batch-1 decode.
     args = ModelArgs(**(QUICK_SPEED_CONFIG if quick else SPEED_CONFIG))
@@ -258,6 +272,8 @@ def run_bench(*, quick: bool = False, distill_steps: int = 300, decode_tokens: i
         "int8_ppl_within_0.5pct": formats["int8"]["ppl_vs_fp32"] <= 0.005,
         "int8_decode_ge_1.6x": formats["int8"]["speedup_vs_fp32"] >= 1.6,
         "int4_ppl_within_3pct": formats["int4"]["ppl_vs_fp32"] <= 0.03,
+        "int8_ppl_int8_act_within_0.5pct": formats["int8"].get("ppl_int8_act_vs_fp32", 0.0) <= 0.005,
+        "int4_ppl_int8_act_within_3pct": formats["int4"].get("ppl_int8_act_vs_fp32", 0.0) <= 0.03,
         "int4_decode_ge_2.2x": formats["int4"]["speedup_vs_fp32"] >= 2.2,
         "int4_bytes_le_0.16x": formats["int4"]["weight_bytes_vs_fp32"] <= 0.16,
         "prune_ppl_within_5pct": res["pruning"]["ppl_vs_unpruned_after_distill"] <= 0.05,

@@ -122,3 +122,40 @@ def test_microbench_times_both_activation_modes(quant_home) -> None:
               "int4_c_kernel_fp32_act"):
         assert r[k] > 0
     assert kernels.activation_quant()
+
+
+def test_portable_build_matches_the_simd_build(quant_home) -> None:
+    """The no-AVX C loops (what a CPU without AVX2 runs) give the same results as the SIMD code."""
+    simd = _lib()
+    try:
+        portable = kernels._build(march="x86-64")
+    except RuntimeError as e:
+        pytest.skip(f"no portable build here: {e}")
+    g = torch.Generator().manual_seed(5)
+    M, N, K = 3, 10, 256
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g)
+    q8, s8 = quantize_int8(w)
+    for lib in (simd, portable):
+        y = torch.empty(M, N)
+        assert lib.w8q_mm(x.data_ptr(), q8.data_ptr(), s8.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K, 64, 1) == 0
+        ref = F.linear(dequantize_activation_int8(*quantize_activation_int8(x, 64)), dequantize_int8(q8, s8), b)
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5)
+        for G in (32, 64, 128):
+            p, sc, mn = quantize_int4(w, G)
+            assert lib.w4q_mm(x.data_ptr(), p.data_ptr(), sc.data_ptr(), mn.data_ptr(), None, y.data_ptr(),
+                              M, N, K, G, 1) == 0
+            ref = F.linear(dequantize_activation_int8(*quantize_activation_int8(x, G)), dequantize_int4(p, sc, mn, G))
+            assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5), G
+            xs = x.view(M, K // G, G).sum(-1).contiguous()
+            lib.w4_mm(x.data_ptr(), xs.data_ptr(), p.data_ptr(), sc.data_ptr(), mn.data_ptr(), None, y.data_ptr(),
+                      M, N, K, G, 1)
+            assert torch.allclose(y, F.linear(x, dequantize_int4(p, sc, mn, G)), atol=1e-4, rtol=1e-5), G
+        lib.w8_mm(x.data_ptr(), q8.data_ptr(), s8.data_ptr(), None, y.data_ptr(), M, N, K, 1)
+        assert torch.allclose(y, F.linear(x, dequantize_int8(q8, s8)), atol=1e-4, rtol=1e-5)
+        y1 = torch.empty(N)
+        lib.f32_mv(x[0].data_ptr(), w.data_ptr(), b.data_ptr(), y1.data_ptr(), N, K, 1)
+        assert torch.allclose(y1, F.linear(x[0], w, b), atol=1e-4, rtol=1e-5)
+        lib.f32_mm(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), M, N, K, 1)
+        assert torch.allclose(y, F.linear(x, w), atol=1e-4, rtol=1e-5)
