@@ -283,6 +283,7 @@ class LatentCache:
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # next RoPE position per row
         self.length = 0
         self.max_len = max_len
+        self.padded = False  # some row has a masked slot in [0, length): decode steps need the full mask
 
     def bytes_per_token_per_layer(self) -> int:
         t = self.kv[0]
@@ -371,24 +372,26 @@ class MLA(nn.Module):
             o = o[..., :dv]
         return linear(self.o_proj, o.transpose(1, 2).reshape(B, T, H * dv))
 
-    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK (H, dn, r) and W_UV^T (H, r, dv) from ``kv_b_proj``. At inference they are kept as
-        contiguous copies (1x kv_b_proj's size), rebuilt whenever the weight changes (data pointer or
-        version counter): bmm on the strided views ran at ~4 GB/s, about 1.6 ms per 8-layer token."""
+    def _absorbed_weights(self, scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, dn, r) and W_UV^T (H, r, dv) from ``kv_b_proj`` (``scaled``: W_UK times the softmax
+        scale, for the decode fast path). At inference they are kept as contiguous copies (1x kv_b_proj's
+        size), rebuilt whenever the weight changes (data pointer or version counter): bmm on the strided
+        views ran at ~4 GB/s, about 1.6 ms per 8-layer token."""
         H, dn, dv, r = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         w = self.kv_b_proj.weight
         if (type(self.kv_b_proj) is not nn.Linear or (torch.is_grad_enabled() and w.requires_grad)
                 or w.is_inference()):  # inference tensors have no version counter: cannot tell if stale
             wv = w.view(H, dn + dv, r)
-            return wv[:, :dn], wv[:, dn:].transpose(1, 2)
+            return wv[:, :dn] * self.softmax_scale if scaled else wv[:, :dn], wv[:, dn:].transpose(1, 2)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         cached = self.__dict__.get("_absorbed")
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 wv = w.detach().view(H, dn + dv, r)
-                cached = (key, wv[:, :dn].contiguous(), wv[:, dn:].transpose(1, 2).contiguous())
+                w_uk = wv[:, :dn].contiguous()
+                cached = (key, w_uk, wv[:, dn:].transpose(1, 2).contiguous(), w_uk * self.softmax_scale)
             self.__dict__["_absorbed"] = cached
-        return cached[1], cached[2]
+        return (cached[3] if scaled else cached[1]), cached[2]
 
     def _absorb(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -563,6 +566,122 @@ class MTPModule(nn.Module):
         return self.block(x, cos, sin, mask, cache, start)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Decode fast path (batch-1-ish cached steps: decode, speculative verify, MTP drafts)
+# ---------------------------------------------------------------------------------------------------
+# A decode step of a small model is dominated by per-op dispatch, not arithmetic: the module path runs
+# ~70 tensor ops and ~10 module calls per layer. For cached steps of at most F32_MAX_ROWS tokens with
+# no padding, no autograd and no hooks, ``DeepseekV3.forward`` / ``mtp_forward`` take the functions
+# below instead: the same weights and maths with fewer ops: RoPE as one matmul by a per-step rotation
+# matrix (built once per step, shared by every layer; the softmax scale is folded into the query's
+# copy and into the cached W_UK), one additive mask per step, routing decided in Python on the k
+# scores of the token, expert outputs accumulated with ``add_(alpha=w)``, and no module ``__call__``
+# for norms, attention, MLPs or layers. Anything unusual (a swapped-in module type, hooks, quantized
+# linears: see ``linear``) takes the module's own forward. Tests compare both paths.
+def _rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def _mla_step(a: MLA, x: torch.Tensor, rot: torch.Tensor, rot_q: torch.Tensor, mask: torch.Tensor | None,
+              kvc: torch.Tensor, start: int) -> torch.Tensor:
+    """Absorbed latent attention for T new tokens at [start, start + T) of this layer's cache ``kvc``;
+    ``rot`` / ``rot_q`` (T, d_rope, d_rope) rotate keys / queries (``rot_q`` carries the softmax scale)."""
+    B, T, _ = x.shape
+    H, dn, dr, r, dv = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank, a.v_head_dim
+    q = (linear(a.q_proj, x) if a.q_lora_rank is None
+         else linear(a.q_b_proj, _rms(a.q_a_layernorm, linear(a.q_a_proj, x))))
+    q_nope, q_pe = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)
+    c, k_pe = linear(a.kv_a_proj_with_mqa, x).split([r, dr], dim=-1)
+    S = start + T
+    kvc[:, start:S, :r] = _rms(a.kv_a_layernorm, c)
+    kvc[:, start:S, r:] = torch.matmul(k_pe.unsqueeze(-2), rot).squeeze(-2)
+    w_uk, w_uv_t = a._absorbed_weights(scaled=True)
+    qc = torch.cat([torch.matmul(q_nope, w_uk), torch.matmul(q_pe.unsqueeze(-2), rot_q).squeeze(-2)], dim=-1)
+    kv = kvc[:, :S]
+    scores = torch.bmm(qc.view(B, H * T, r + dr), kv.transpose(1, 2))  # (B, H*T, S), already scaled
+    if mask is not None:
+        scores = scores.view(B, H, T, S).add_(mask).view(B, H * T, S)
+    o = torch.bmm(torch.softmax(scores, dim=-1), kv[..., :r]).view(B, H, T, r)
+    o = torch.matmul(o, w_uv_t)  # (B, H, T, dv)
+    return linear(a.o_proj, o.transpose(1, 2).reshape(B, T, H * dv))
+
+
+def _mlp_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is not MLP:
+        return m(x)
+    return linear(m.down_proj, F.silu(linear(m.gate_proj, x)).mul_(linear(m.up_proj, x)))
+
+
+def _route(g: Gate, s: list[float], c: list[float]) -> tuple[list[int], list[float]]:
+    """One token's experts and weights from its sigmoid scores ``s`` and biased choice scores ``c``
+    (the same rule as ``Gate.forward``: group-limited top-k on ``c``, weights from ``s``)."""
+    E = g.n_experts
+    allowed: Any = range(E)
+    if g.n_group > 1 and g.topk_group < g.n_group:
+        n = E // g.n_group
+        gs = [sum(sorted(c[i * n:(i + 1) * n], reverse=True)[:2]) for i in range(g.n_group)]
+        keep = sorted(range(g.n_group), key=lambda i: -gs[i])[:g.topk_group]
+        allowed = [e for e in range(E) if e // n in keep]
+    idx = sorted(allowed, key=lambda e: -c[e])[:g.top_k]
+    w = [s[e] for e in idx]
+    if g.norm_topk_prob:
+        tot = sum(w) + 1e-20
+        w = [v / tot for v in w]
+    return idx, [v * g.routed_scaling_factor for v in w]
+
+
+def _moe_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MoE for a few tokens: route in Python, run each chosen expert once on all rows (a weight of 0
+    for rows that did not choose it; the matvec costs the same for 1-4 rows), accumulate in place."""
+    g = m.gate if type(m) is MoE else None
+    if g is None or type(g) is not Gate or g.training or g.track_load:
+        return m(x)
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])
+    s = F.linear(xf, g.weight).sigmoid_()
+    routes = [_route(g, si, ci) for si, ci in zip(s.tolist(), (s + g.e_score_correction_bias).tolist(), strict=True)]
+    y = _mlp_step(m.shared_experts, xf)
+    if len(routes) == 1:
+        for e, w in zip(*routes[0], strict=True):
+            y.add_(_mlp_step(m.experts[e], xf), alpha=w)
+    else:
+        per: dict[int, list[float]] = {}
+        for t, (es, ws) in enumerate(routes):
+            for e, w in zip(es, ws, strict=True):
+                per.setdefault(e, [0.0] * len(routes))[t] = w
+        for e, ws in per.items():
+            y.add_(_mlp_step(m.experts[e], xf) * torch.tensor(ws, dtype=y.dtype)[:, None])
+    return y.view(shape)
+
+
+def _layer_step(layer: DecoderLayer, x: torch.Tensor, rot: torch.Tensor, rot_q: torch.Tensor,
+                mask: torch.Tensor | None, kvc: torch.Tensor, start: int) -> torch.Tensor:
+    x = x + _mla_step(layer.self_attn, _rms(layer.input_layernorm, x), rot, rot_q, mask, kvc, start)
+    h = _rms(layer.post_attention_layernorm, x)
+    return x.add_(_moe_step(layer.mlp, h) if type(layer.mlp) is MoE else _mlp_step(layer.mlp, h))
+
+
+def _fast_types_ok(layer: nn.Module) -> bool:
+    return (type(layer) is DecoderLayer and type(layer.self_attn) is MLA and type(layer.input_layernorm) is RMSNorm
+            and type(layer.post_attention_layernorm) is RMSNorm and type(layer.self_attn.kv_a_layernorm) is RMSNorm
+            and (layer.self_attn.q_lora_rank is None or type(layer.self_attn.q_a_layernorm) is RMSNorm))
+
+
+def _hooks_free(model: nn.Module) -> bool:
+    """No forward hooks on any module of ``model`` (nor global ones). The module scan is redone only
+    after a hook was registered somewhere (torch's hook handle counter moved)."""
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
+        return False
+    nid = getattr(torch.utils.hooks.RemovableHandle, "next_id", None)
+    cached = model.__dict__.get("_hook_scan")
+    if nid is not None and cached is not None and cached[0] == nid:
+        return cached[1]
+    free = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    model.__dict__["_hook_scan"] = (nid, free)
+    return free
+
+
 class Backbone(nn.Module):
     """``model.*`` of the HF layout: embeddings, decoder layers, final norm."""
 
@@ -590,6 +709,7 @@ class DeepseekV3(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(args, args.num_hidden_layers + k)
                                  for k in range(args.num_nextn_predict_layers))
         inv_freq, self.rope_scale = rope_inv_freq(args)
+        self.softmax_scale = softmax_scale(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
@@ -647,6 +767,40 @@ class DeepseekV3(nn.Module):
         return ((f.cos() * self.rope_scale).to(dtype).unsqueeze(1),
                 (f.sin() * self.rope_scale).to(dtype).unsqueeze(1))
 
+    def _fast_ok(self, rows: int, cache: LatentCache | None, dtype: torch.dtype) -> bool:
+        """Can this cached step take the decode fast path (see ``_layer_step``)?"""
+        return (FAST_MATVEC and cache is not None and not cache.padded and rows <= (_matvec_rows or 4)
+                and not self.training and not torch.is_grad_enabled() and dtype == torch.float32
+                and self.lm_head.weight.dtype == torch.float32 and _hooks_free(self))
+
+    def _fast_begin(self, cache: LatentCache, T: int, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Cache bookkeeping for T unpadded tokens, the step's RoPE rotation matrices (T, d, d) for keys
+        and (scaled) queries, the additive causal mask (T, S) when T > 1, and the start position."""
+        start = cache.length
+        if start + T > cache.max_len:
+            raise ConfigError(f"cache holds {cache.max_len} tokens; asked for {start + T}")
+        cache.key_mask[:, start:start + T] = True
+        cache.pos += T
+        # Same cos/sin values as ``rope`` (positions = start.. since no row is padded).
+        f = torch.arange(start, start + T, device=device)[:, None].float() * self.inv_freq  # (T, d/2)
+        cs = torch.cat([f.cos(), -f.sin(), f.cos(), f.sin()], dim=-1).mul_(self.rope_scale).to(dtype)
+        d = self.args.qk_rope_head_dim
+        idx = self.__dict__.get("_rope_rot_idx")
+        if idx is None or idx[0].device != device:
+            h = torch.arange(d // 2, device=device)
+            i1, i2 = (2 * h, 2 * h + 1) if self.args.rope_interleave else (h, h + d // 2)
+            # y = x @ R: y_j = x1_j cos_j - x2_j sin_j, y_{j+d/2} = x2_j cos_j + x1_j sin_j (``apply_rope``)
+            idx = (torch.cat([i1, i2, i2, i1]), torch.cat([h, h, h + d // 2, h + d // 2]))
+            self.__dict__["_rope_rot_idx"] = idx
+        rot = torch.zeros(T, d, d, dtype=dtype, device=device)
+        rot[:, idx[0], idx[1]] = cs
+        rot_q = rot * self.softmax_scale
+        mask = None
+        if T > 1:
+            mask = torch.full((T, start + T), float("-inf"), dtype=dtype, device=device).triu_(start + 1)
+        return rot, rot_q, mask, start
+
     def _prepare(self, B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None,
                  cache: LatentCache | None, position_ids: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -664,6 +818,7 @@ class DeepseekV3(nn.Module):
             cache.pos += new.sum(1)
             keys = cache.key_mask[:, :start + T]
             padded = not bool(keys.all())
+            cache.padded = padded
         else:
             keys = attention_mask.bool() if attention_mask is not None else None
             padded = keys is not None and not bool(keys.all())
@@ -689,6 +844,18 @@ class DeepseekV3(nn.Module):
         when > 0). ``attention_mask`` (B, T): 1 = real token, 0 = padding / skipped position."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        if (attention_mask is None and position_ids is None and self._fast_ok(B * T, cache, x.dtype)
+                and all(_fast_types_ok(layer) for layer in self.model.layers)):
+            assert cache is not None
+            rot, rot_q, fmask, start = self._fast_begin(cache, T, x.device, x.dtype)
+            for layer, kvc in zip(self.model.layers, cache.kv, strict=False):
+                x = _layer_step(layer, x, rot, rot_q, fmask, kvc, start)
+            cache.length = start + T
+            h = x
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            logits = linear(self.lm_head, _rms(self.model.norm, x))
+            return LMOutput(logits, h) if return_hidden else logits
         pos, mask, start = self._prepare(B, T, x.device, attention_mask, cache, position_ids)
         cos, sin = self.rope(pos, x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -707,18 +874,30 @@ class DeepseekV3(nn.Module):
 
     def mtp_forward(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, *,
                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                    cache: LatentCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache: LatentCache | None = None, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Run MTP module ``k`` on hidden h (B, T, D) at positions i and the ids of t_{i+k+1} (B, T).
-        ``cache`` is an MTP cache (``new_cache(..., mtp=True)``). Returns (logits (B, T, V), hidden (B, T, D))."""
+        ``cache`` is an MTP cache (``new_cache(..., mtp=True)``). Returns (logits (B, T, V) (the last
+        ``logits_to_keep`` positions only when > 0), hidden (B, T, D))."""
         B, T, _ = h.shape
+        mod = self.mtp[k]
+        emb = self.model.embed_tokens(next_ids)
+        if (attention_mask is None and position_ids is None and self._fast_ok(B * T, cache, h.dtype)
+                and type(mod) is MTPModule and _fast_types_ok(mod.block) and type(mod.enorm) is RMSNorm
+                and type(mod.hnorm) is RMSNorm and type(mod.shared_head.norm) is RMSNorm):
+            assert cache is not None
+            rot, rot_q, fmask, start = self._fast_begin(cache, T, h.device, h.dtype)
+            x = linear(mod.eh_proj, torch.cat([_rms(mod.enorm, emb), _rms(mod.hnorm, h)], dim=-1))
+            hk = _layer_step(mod.block, x, rot, rot_q, fmask, cache.kv[k], start)
+            cache.length = start + T
+            out = hk[:, -logits_to_keep:] if logits_to_keep else hk
+            return linear(self.lm_head, _rms(mod.shared_head.norm, out)), hk
         pos, mask, start = self._prepare(B, T, h.device, attention_mask, cache, position_ids)
         cos, sin = self.rope(pos, h.dtype)
-        mod = self.mtp[k]
-        hk = mod(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.kv[k] if cache is not None else None,
-                 start)
+        hk = mod(h, emb, cos, sin, mask, cache.kv[k] if cache is not None else None, start)
         if cache is not None:
             cache.length = start + T
-        return linear(self.lm_head, mod.shared_head.norm(hk)), hk
+        out = hk[:, -logits_to_keep:] if logits_to_keep else hk
+        return linear(self.lm_head, mod.shared_head.norm(out)), hk
 
     def compute_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None
