@@ -43,6 +43,7 @@ class MedPixSample:
     findings: str
     category: str  # MedPix topic category, e.g. "Neoplasm, benign"
     diagnosis: str
+    exam: str = ""  # the case's physical exam text (part of the clinical request, not of the report)
 
     @property
     def abnormal(self) -> int:
@@ -106,6 +107,7 @@ def load_medpix(root: str | Path, split: str) -> list[MedPixSample]:
                 findings=" ".join(str(c.get("Findings") or "").split()),
                 category=str(topic.get("Category") or "unknown"),
                 diagnosis=str(c.get("Case Diagnosis") or c.get("Title") or ""),
+                exam=" ".join(str(c.get("Exam") or "").split()),
             ))
         except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{root / f'images_{split}.jsonl'}:{i}: bad record ({e})") from None

@@ -30,6 +30,7 @@ from solutions.medical_imaging.data import (
     load_image_array,
     load_medpix,
 )
+from solutions.medical_imaging.fusion import MOD_POOL, Fusion, clinical_text, log_softmax, pool_by_group
 from solutions.medical_imaging.metrics import TextEmbedder, accuracy, recall_at_k, text_metrics
 from solutions.medical_imaging.reporter import (
     BOS,
@@ -218,6 +219,11 @@ def _encode_all(enc: ImageEncoder, images: np.ndarray, history: np.ndarray, bs: 
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+def request_text(s: MedPixSample) -> str:
+    """What the imaging request carries for a sample: history + exam, sex, age, plane (never the caption/findings)."""
+    return clinical_text(f"{s.history} {s.exam}".strip(), s.sex, s.age, s.plane)
+
+
 def _retrieved(query: np.ndarray, gallery: np.ndarray, gallery_text: np.ndarray, k: int = N_RETRIEVED,
                exclude: list[set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean MiniLM embedding of the ``k`` nearest gallery reports (cosine of image embeddings), top ids."""
@@ -244,13 +250,14 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
                    log: Callable[[str], None] = lambda m: None, threads: int | None = None,
                    image_size: int = IMAGE_SIZE, history_drop: float = HISTORY_DROP,
                    label_smoothing: float = LABEL_SMOOTHING, augment: str = AUGMENT,
-                   history_dropout: float = HISTORY_DROPOUT) -> dict[str, Any]:
+                   history_dropout: float = HISTORY_DROPOUT, fuse: bool = True) -> dict[str, Any]:
     """Train encoder (heads + CLIP) then decoder on the ``train`` split; write the model folder.
 
     Defaults (chosen on a case-disjoint 20 % of TRAIN, see README): 128 px input, ``enc_epochs``
     encoder epochs, the clinical history withheld from the heads for ``history_drop`` of the batches
     plus ``history_dropout`` on it (the region head otherwise memorises the per-case history), label smoothing on
     the modality/region heads, ``augment`` "affine" (rotation/zoom/shift/flip/intensity) or "shift".
+    ``fuse``: also fit the side models of :mod:`fusion` (image statistics, request text).
     """
     set_threads(threads)
     torch.manual_seed(seed)
@@ -305,6 +312,10 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
             opt.step()
             sched.step()
     log(f"encoder trained in {time.time() - t0:.0f}s")
+    fusion = None
+    if fuse and len(set(A.modality.tolist())) > 1 and len(set(A.region.tolist())) > 1:
+        fusion = Fusion.fit(A.images, [request_text(s) for s in train], [s.plane for s in train], A.modality,
+                            A.region, len(MODALITIES), len(REGIONS), seed=seed)
 
     enc_out = _encode_all(enc, A.images, A.history)
     cases = np.array([s.case_id for s in train])
@@ -348,6 +359,10 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
     state |= {f"decoder.{k}": v for k, v in dec.state_dict().items() if k != "head.weight"}
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(cfg.to_dict()))
+    if fusion is not None:
+        fusion.save(out)
+    elif (out / "fusion.pkl").exists():
+        (out / "fusion.pkl").unlink()  # a stale side model must not be fused with a new encoder
     np.savez_compressed(
         out / GALLERY, embedding=enc_out["embedding"], caption_emb=A.caption,
         caption=np.array([s.caption for s in train]), case_id=cases,
@@ -405,6 +420,7 @@ class Reporter:
         g = np.load(p / GALLERY)
         self.gallery = {k: g[k] for k in g.files}
         self.embedder = CachedEmbedder(p / "text_cache.npz")
+        self.fusion = Fusion.load(p)
         self.n_words = np.array([len(str(c).split()) for c in self.gallery["caption"]])
 
     def consensus_prior(self, embedding: np.ndarray, modality: Sequence[str] | None = None) -> np.ndarray:
@@ -429,12 +445,33 @@ class Reporter:
         """Encoder outputs for (N, S, S) images in [0, 1] with one history text each."""
         return _encode_all(self.encoder, images.astype(np.float32), self.embedder(list(history)), tta=self.cfg.tta)
 
+    def head_scores(self, o: dict[str, np.ndarray], images: np.ndarray, requests: Sequence[str],
+                    planes: Sequence[str], groups: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(modality, region) log-scores: CNN heads fused with the side models when the reporter has them;
+        region scores averaged over each group (the images of one study)."""
+        if self.fusion is None:
+            return log_softmax(o["modality"]), pool_by_group(log_softmax(o["region"]), groups)
+        mod = self.fusion.modality_scores(o["modality"], images, requests, planes)
+        return (pool_by_group(mod, groups, MOD_POOL),
+                pool_by_group(self.fusion.region_scores(o["region"], requests), groups))
+
     def draft_batch(self, images: np.ndarray, history: Sequence[str], planes: Sequence[str],
-                    modality_hint: Sequence[str | None] | None = None) -> list[Draft]:
-        """One draft per image. ``modality_hint`` (e.g. from the DICOM header) overrides the head."""
+                    modality_hint: Sequence[str | None] | None = None, requests: Sequence[str] | None = None,
+                    groups: Sequence[Any] | None = None) -> list[Draft]:
+        """One draft per image. ``modality_hint`` (e.g. from the DICOM header) overrides the head.
+
+        ``requests``: the request text per image for the fusion text model (default: the history with no
+        sex/age; see :func:`fusion.clinical_text`). ``groups``: a study id per image; images of one study
+        get one body region.
+        """
+        if len(history) != len(images) or len(planes) != len(images):
+            raise ValueError(f"draft_batch: {len(images)} images but {len(history)} histories / {len(planes)} planes")
         o = self.analyse(images, history)
         hist = self.embedder(list(history))
-        p_mod, p_reg = _softmax(o["modality"]), _softmax(o["region"])
+        if requests is None:
+            requests = [clinical_text(h, plane=p) for h, p in zip(history, planes, strict=True)]
+        s_mod, s_reg = self.head_scores(o, images, requests, planes, groups)
+        p_mod, p_reg = _softmax(s_mod), _softmax(s_reg)
         p_cat, p_abn = _softmax(o["category"]), 1 / (1 + np.exp(-o["abnormal"]))
         mod = p_mod.argmax(1)
         from_header = np.zeros(len(images), dtype=bool)
@@ -501,7 +538,8 @@ def evaluate(data_dir: str | Path, split: str, model_path: str | Path | None = N
     rep = Reporter(model_path)
     images = np.stack([load_image_array(s.image_path, rep.cfg.image_size) for s in samples])
     t0 = time.perf_counter()
-    drafts = rep.draft_batch(images, [s.history for s in samples], [s.plane for s in samples])
+    drafts = rep.draft_batch(images, [s.history for s in samples], [s.plane for s in samples],
+                             requests=[request_text(s) for s in samples], groups=[s.case_id for s in samples])
     per_image = (time.perf_counter() - t0) / len(samples)
     refs = [s.caption for s in samples]
     hyps = [d.findings for d in drafts]
@@ -525,6 +563,13 @@ def evaluate(data_dir: str | Path, split: str, model_path: str | Path | None = N
     result["retrieval_chance_at_5"] = round(min(5, len(uniq)) / len(uniq), 4)
     result["modality_accuracy"] = round(accuracy([d.modality for d in drafts], [s.modality for s in samples]), 4)
     result["region_accuracy"] = round(accuracy([d.region for d in drafts], [s.region for s in samples]), 4)
+    # Ablations on the same images: region decided per image (no pooling over the case), CNN heads alone.
+    o = rep.analyse(images, [s.history for s in samples])
+    _, reg_img = rep.head_scores(o, images, [request_text(s) for s in samples], [s.plane for s in samples])
+    true_mod, true_reg = [s.modality for s in samples], [s.region for s in samples]
+    result["region_accuracy_per_image"] = round(accuracy([REGIONS[i] for i in reg_img.argmax(1)], true_reg), 4)
+    result["cnn_only"] = {"modality_accuracy": round(accuracy([MODALITIES[i] for i in o["modality"].argmax(1)], true_mod), 4),
+                          "region_accuracy": round(accuracy([REGIONS[i] for i in o["region"].argmax(1)], true_reg), 4)}
     result["baselines"] = {
         "retrieval": text_metrics(retrieval, refs, E(retrieval), ref_e),
         "template": text_metrics(template, refs, E(template), ref_e),

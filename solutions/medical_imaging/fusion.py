@@ -1,0 +1,180 @@
+"""Late fusion of the CNN heads with two small independent models, and study-level pooling of the region.
+
+* :func:`image_stats`: intensity statistics of a key image (32-bin histogram, saturated/black pixels,
+  foreground percentiles, body aspect ratio, gradient and background texture). CT is windowed from
+  absolute HU (air black, bone saturated white), MR is auto-windowed with noisy background: these
+  statistics separate the two differently from the CNN. A gradient-boosted tree model (scikit-learn
+  ``HistGradientBoostingClassifier``) predicts the modality from them plus the plane.
+* :func:`clinical_text`: what the request for the study carries: the clinical history (and exam),
+  patient sex, age decade and the acquisition plane. TF-IDF (1-2 grams) + logistic regression predict
+  the modality and the body region from it.
+
+Fused scores are ``log softmax(CNN logits) + w * log p(model)`` per class, with weights chosen on a
+case-disjoint 20 % of TRAIN (README "Model"). The body region is a property of the study, so the
+region scores of all images of one study (MedPix: one case) are averaged before the decision.
+
+Named input: (N, S, S) images in [0, 1] and one request text per image. Named output: per-class
+log-probabilities (N, C). Saved as ``fusion.pkl`` beside the reporter (our own file; pickle).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solutions.medical_imaging.data import PLANES
+
+FUSION = "fusion.pkl"
+# Fusion weights, chosen on a case-disjoint 20 % of TRAIN (never on dev); see README "Model".
+W_MOD_STATS, W_MOD_TEXT, W_REG_TEXT = 0.5, 0.5, 0.75
+# Share of a modality score replaced by its study mean (images of one study are mostly one modality,
+# 95 % in MedPix TRAIN); the region is one per study, so its scores are fully averaged.
+MOD_POOL = 0.5
+EPS = 1e-6
+
+
+def image_stats(img: np.ndarray) -> np.ndarray:
+    """(S, S) float in [0, 1] (the padded model-input canvas) -> (244,) float32 intensity/texture statistics."""
+    if img.ndim != 2:
+        raise ValueError(f"image_stats expects one 2-D image, got shape {img.shape}")
+    a = np.round(np.clip(img, 0, 1) * 255)
+    hist = np.bincount(a.astype(np.uint8).ravel(), minlength=256).astype(np.float32) / a.size
+    fg = a[a > 10]
+    q = np.percentile(fg, [5, 25, 50, 75, 95]) / 255 if fg.size else np.zeros(5)
+    rows, cols = np.flatnonzero(a.max(1) > 0), np.flatnonzero(a.max(0) > 0)
+    aspect = (cols[-1] - cols[0] + 1) / (rows[-1] - rows[0] + 1) if rows.size else 1.0
+    gx, gy = np.abs(np.diff(a, axis=1)), np.abs(np.diff(a, axis=0))
+    c = a[1:-1, 1:-1]
+    lap = np.abs(4 * c - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:])
+    bg = (c < 30) & (c > 0)
+    extra = [aspect, (a == 0).mean(), (a >= 250).mean(), (a < 10).mean(), gx.mean() / 255, gy.mean() / 255,
+             np.median(lap) / 255, lap[bg].mean() / 255 if bg.any() else 0.0, fg.std() / 255 if fg.size else 0.0,
+             len(np.unique(a)) / 256]
+    return np.concatenate([hist.reshape(32, 8).sum(1), np.log(hist[[0, 255]] + 1e-4), q, extra,
+                           _texture(np.clip(img, 0, 1).astype(np.float32))]).astype(np.float32)
+
+
+def _texture(a: np.ndarray) -> np.ndarray:
+    """(195,) texture statistics: gradient-magnitude histogram, fine-scale residual (noise) level in the body
+    and in dim regions, joint intensity x residual histogram, and a 12x12 thumbnail of the layout."""
+    from PIL import Image
+    from scipy.ndimage import uniform_filter
+
+    g = np.hypot(np.diff(a, axis=1)[:-1], np.diff(a, axis=0)[:, :-1])
+    gh = np.histogram(g[a[:-1, :-1] > 0.04], bins=16, range=(0, 0.5))[0].astype(np.float32)
+    gh /= max(gh.sum(), 1)
+    r = np.abs(a - uniform_filter(a, 3))
+    fg, dim = a > 0.04, (a > 0.01) & (a < 0.15)
+    noise = [r[fg].mean() if fg.any() else 0.0, r[dim].mean() if dim.any() else 0.0,
+             np.median(r[fg]) if fg.any() else 0.0]
+    jh = np.histogram2d(a[fg], np.clip(r[fg], 0, 0.2), bins=(8, 4), range=((0, 1), (0, 0.2)))[0].ravel()
+    jh /= max(jh.sum(), 1)
+    thumb = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((12, 12), Image.BILINEAR), np.float32)
+    return np.concatenate([gh, noise, jh, thumb.ravel() / 255])
+
+
+def clinical_text(history: str, sex: str = "", age: str = "", plane: str = "") -> str:
+    """The request as one string for the text model: history/exam words plus sex, age-decade, plane tokens."""
+    age_digits = "".join(ch for ch in str(age) if ch.isdigit())
+    decade = str(int(age_digits) // 10) if age_digits else "x"
+    sx = (sex or "").strip().lower()[:1]  # MedPix "female"/"male", DICOM PatientSex "F"/"M"/"O"
+    return f"{history} sex_{sx if sx in ('f', 'm') else 'x'} age_{decade} plane_{plane or 'other'}"
+
+
+def _plane_onehot(planes: Sequence[str]) -> np.ndarray:
+    return np.eye(len(PLANES), dtype=np.float32)[[PLANES.index(p) if p in PLANES else PLANES.index("other")
+                                                  for p in planes]]
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def pool_by_group(scores: np.ndarray, groups: Sequence[Any] | None, share: float = 1.0) -> np.ndarray:
+    """Replace ``share`` of each row of (N, C) scores by the mean over rows sharing its group id (one study);
+    ``None`` or empty group ids: unchanged."""
+    if groups is None:
+        return scores
+    out = scores.copy()
+    g = np.asarray([str(x) if x is not None else "" for x in groups])
+    for key in np.unique(g):
+        if key == "":
+            continue
+        m = g == key
+        out[m] = (1 - share) * scores[m] + share * scores[m].mean(axis=0)
+    return out
+
+
+@dataclass
+class Fusion:
+    """The two side models and their weights (classes in MODALITIES / REGIONS order)."""
+
+    stats_modality: Any  # HistGradientBoostingClassifier on image_stats + plane
+    text_modality: Any  # TF-IDF + LogisticRegression on clinical_text
+    text_region: Any
+    n_classes: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "mod_stats": W_MOD_STATS, "mod_text": W_MOD_TEXT, "reg_text": W_REG_TEXT})
+
+    @classmethod
+    def fit(cls, images: np.ndarray, texts: Sequence[str], planes: Sequence[str], modality: np.ndarray,
+            region: np.ndarray, n_modalities: int, n_regions: int, seed: int = 0) -> Fusion:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        if len(images) != len(texts) or len(images) != len(modality) or len(images) != len(region):
+            raise ValueError("fusion: images, texts and labels differ in length")
+        if len(np.unique(modality)) < 2 or len(np.unique(region)) < 2:
+            raise ValueError("fusion: the training labels need at least two modality and two region classes")
+        X = np.hstack([np.stack([image_stats(im) for im in images]), _plane_onehot(planes)])
+        stats = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, random_state=seed).fit(X, modality)
+        return cls(stats, _text_model().fit(list(texts), modality), _text_model().fit(list(texts), region),
+                   n_classes={"modality": n_modalities, "region": n_regions})
+
+    def modality_scores(self, cnn_logits: np.ndarray, images: np.ndarray, texts: Sequence[str],
+                        planes: Sequence[str]) -> np.ndarray:
+        """(N, n_modalities) fused log-scores."""
+        X = np.hstack([np.stack([image_stats(im) for im in images]), _plane_onehot(planes)])
+        w = self.weights
+        k = cnn_logits.shape[1]
+        return (log_softmax(cnn_logits) + w["mod_stats"] * np.log(_proba(self.stats_modality, X, k) + EPS)
+                + w["mod_text"] * np.log(_proba(self.text_modality, list(texts), k) + EPS))
+
+    def region_scores(self, cnn_logits: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """(N, n_regions) fused log-scores (before pooling over the study)."""
+        return log_softmax(cnn_logits) + self.weights["reg_text"] * np.log(
+            _proba(self.text_region, list(texts), cnn_logits.shape[1]) + EPS)
+
+    def save(self, folder: Path) -> None:
+        with (Path(folder) / FUSION).open("wb") as f:
+            pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def load(folder: Path) -> Fusion | None:
+        p = Path(folder) / FUSION
+        if not p.exists():
+            return None  # a reporter trained before fusion existed: CNN heads alone
+        with p.open("rb") as f:
+            return pickle.load(f)  # noqa: S301 - our own model file under VERTICALS_HOME
+
+
+def _proba(model: Any, X: Any, k: int) -> np.ndarray:
+    """(N, k) class probabilities in label order; classes absent from training get 0."""
+    p = model.predict_proba(X)
+    out = np.zeros((p.shape[0], k), dtype=np.float64)
+    out[:, np.asarray(model.classes_, dtype=int)] = p
+    return out
+
+
+def _text_model() -> Any:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+                         LogisticRegression(C=10.0, max_iter=3000))

@@ -1,0 +1,116 @@
+"""Late fusion of the CNN heads with image statistics and the request text, and per-study pooling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MEDPIX
+
+from solutions.medical_imaging.data import MODALITIES, REGIONS, load_image_array, load_medpix
+from solutions.medical_imaging.fusion import Fusion, clinical_text, image_stats, pool_by_group
+
+
+@pytest.fixture(scope="module")
+def balanced_medpix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real MedPix images, 30 CT + 30 MR from train and 15 + 15 from dev (the 48-image subset is all CT)."""
+    if not MEDPIX.exists():
+        pytest.skip("MedPix data not found beside the checkout")
+    dst = tmp_path_factory.mktemp("medpix_balanced")
+    (dst / "images").mkdir()
+    for split, n in (("train", 30), ("dev", 15)):
+        rows = [json.loads(line) for line in (MEDPIX / f"images_{split}.jsonl").open()]
+        keep = [r for r in rows if r["Type"] == "CT"][:n] + [r for r in rows if r["Type"] == "MR"][:n]
+        ids = {r["U_id"] for r in keep}
+        cases = [line for line in (MEDPIX / f"cases_{split}.jsonl").open() if json.loads(line)["U_id"] in ids]
+        (dst / f"images_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+        (dst / f"cases_{split}.jsonl").write_text("".join(cases))
+        for r in keep:
+            (dst / "images" / f"{r['image']}.png").symlink_to(MEDPIX / "images" / f"{r['image']}.png")
+    return dst
+
+
+def _fit(root: Path) -> tuple[Fusion, list, np.ndarray]:
+    from solutions.medical_imaging.pipeline import request_text
+
+    train = load_medpix(root, "train")
+    imgs = np.stack([load_image_array(s.image_path, 128) for s in train])
+    f = Fusion.fit(imgs, [request_text(s) for s in train], [s.plane for s in train],
+                   np.array([MODALITIES.index(s.modality) for s in train]),
+                   np.array([REGIONS.index(s.region) for s in train]), len(MODALITIES), len(REGIONS))
+    dev = load_medpix(root, "dev")
+    return f, dev, np.stack([load_image_array(s.image_path, 128) for s in dev])
+
+
+def test_image_stats_shape_values_and_bad_input(balanced_medpix: Path) -> None:
+    dev = load_medpix(balanced_medpix, "dev")
+    ct = next(s for s in dev if s.modality == "CT")
+    mr = next(s for s in dev if s.modality == "MR")
+    a, b = (image_stats(load_image_array(s.image_path, 128)) for s in (ct, mr))
+    assert a.shape == b.shape == (244,) and np.isfinite(a).all() and np.isfinite(b).all()
+    assert np.abs(a[:32].sum() - 1) < 1e-4  # the 32-bin histogram is a distribution
+    assert not np.allclose(a, b)
+    black = image_stats(np.zeros((64, 64), dtype=np.float32))
+    assert np.isfinite(black).all() and black[0] == pytest.approx(1.0)  # all pixels in the darkest bin
+    with pytest.raises(ValueError, match="2-D"):
+        image_stats(np.zeros((2, 64, 64), dtype=np.float32))
+
+
+def test_clinical_text_reads_dicom_and_medpix_demographics_alike() -> None:
+    assert clinical_text("headache", "F", "058Y", "axial") == clinical_text("headache", "female", "58", "axial")
+    t = clinical_text("", "", "", "")
+    assert "sex_x" in t and "age_x" in t and "plane_other" in t
+    assert "age_0" in clinical_text("neonate", "M", "003M", "sagittal")
+
+
+def test_pool_by_group_averages_within_a_study_only() -> None:
+    s = np.array([[0.0, 1.0], [1.0, 0.0], [3.0, 3.0], [5.0, 1.0]])
+    full = pool_by_group(s, ["a", "a", "b", None])
+    np.testing.assert_allclose(full[:2], [[0.5, 0.5], [0.5, 0.5]])
+    np.testing.assert_allclose(full[2:], s[2:])  # a study of one image, and an image with no study
+    half = pool_by_group(s, ["a", "a", "b", ""], share=0.5)
+    np.testing.assert_allclose(half[0], [0.25, 0.75])
+    np.testing.assert_allclose(pool_by_group(s, None), s)
+
+
+def test_fusion_side_models_learn_on_real_medpix_and_round_trip(balanced_medpix: Path, tmp_path: Path) -> None:
+    from solutions.medical_imaging.pipeline import request_text
+
+    f, dev, imgs = _fit(balanced_medpix)
+    y = np.array([MODALITIES.index(s.modality) for s in dev])
+    texts, planes = [request_text(s) for s in dev], [s.plane for s in dev]
+    neutral = np.zeros((len(dev), len(MODALITIES)), dtype=np.float32)  # a CNN with no opinion
+    fused = f.modality_scores(neutral, imgs, texts, planes)
+    assert fused.shape == (len(dev), 2) and np.isfinite(fused).all()
+    # the image statistics (with the request text) alone tell CT from MR on unseen cases
+    assert (fused.argmax(1) == y).mean() >= 0.7
+    # a confident CNN still decides when the side models are unsure: fusion adds, it does not replace
+    strong = np.where(np.eye(2)[1 - y] > 0, 50.0, 0.0)
+    assert (f.modality_scores(strong, imgs, texts, planes).argmax(1) == 1 - y).all()
+    reg = f.region_scores(np.zeros((len(dev), len(REGIONS)), dtype=np.float32), texts)
+    assert reg.shape == (len(dev), len(REGIONS)) and np.isfinite(reg).all()
+    f.save(tmp_path)
+    g = Fusion.load(tmp_path)
+    assert g is not None
+    np.testing.assert_allclose(g.modality_scores(neutral, imgs, texts, planes), fused)
+    assert Fusion.load(tmp_path / "nothing") is None  # an older reporter: CNN heads alone
+    with pytest.raises(ValueError, match="two modality"):
+        Fusion.fit(imgs[:4], texts[:4], planes[:4], np.zeros(4, int), np.arange(4), 2, 5)
+
+
+def test_draft_batch_gives_one_region_per_study(tiny_reporter: Path, balanced_medpix: Path) -> None:
+    from solutions.medical_imaging.pipeline import Reporter, request_text
+
+    rep = Reporter(tiny_reporter)
+    f, dev, _ = _fit(balanced_medpix)
+    rep.fusion = f  # the tiny reporter's train subset is all CT, so it was trained without fusion
+    imgs = np.stack([load_image_array(s.image_path, rep.cfg.image_size) for s in dev[:6]])
+    groups = ["s1", "s1", "s1", "s2", "s2", None]
+    drafts = rep.draft_batch(imgs, [s.history for s in dev[:6]], [s.plane for s in dev[:6]],
+                             requests=[request_text(s) for s in dev[:6]], groups=groups)
+    assert len({d.region for d in drafts[:3]}) == 1 and len({d.region for d in drafts[3:5]}) == 1
+    assert len({round(d.region_conf, 6) for d in drafts[:3]}) == 1
+    with pytest.raises(ValueError, match="histories"):
+        rep.draft_batch(imgs, ["x"], ["axial"] * 6)
