@@ -119,10 +119,11 @@ class QuantLinear(nn.Module):
         return self.dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.input_scale is None:  # the common case, kept short (decode)
-            if self.minv is None:
-                return int8_linear(x, self.qweight, self.scale, self.bias)
-            return int4_linear(x, self.qweight, self.scale, self.minv, self.spec.group_size, self.bias)
+        b = self._buffers  # direct dict reads: nn.Module.__getattr__ costs ~1 us each, ~70 calls per token
+        if x.dtype == torch.float32 and b["input_scale"] is None:  # the common case, kept short (decode)
+            if self.spec.bits == 8:
+                return int8_linear(x, b["qweight"], b["scale"], b["bias"])
+            return int4_linear(x, b["qweight"], b["scale"], b["minv"], self.spec.group_size, b["bias"])
         dt = x.dtype
         x = x.float()
         if self.input_scale is not None:
