@@ -418,24 +418,34 @@ def scan(path: str | Path, decode: bool = True) -> ScanResult:
     ``decode=False`` defers decoding of valid uncompressed pixel data (see :func:`parse_instance`)."""
     out = ScanResult()
     for name, src in iter_sources(path):
-        if isinstance(src, FileError):
-            out.errors.append(src)
-            continue
-        if isinstance(src, Path):
-            if _is_volume(name):
-                out.volumes.append(name)
-                continue
-            if _is_key_image(name):
-                out.key_images.append(name)
-                continue
-            if src.stat().st_size > MAX_FILE_BYTES:
-                out.errors.append(FileError(name, f"{name}: file larger than {MAX_FILE_BYTES // 1024**3} GB"))
-                continue
-        try:
-            out.instances.append(parse_instance(src if isinstance(src, bytes) else Path(src), name, decode))
-        except DataError as e:
-            out.errors.append(FileError(name, str(e), getattr(e, "study_uid", "")))
+        kind = source_kind(name, src)
+        if isinstance(kind, FileError):
+            out.errors.append(kind)
+        elif kind == "volume":
+            out.volumes.append(name)
+        elif kind == "key_image":
+            out.key_images.append(name)
+        else:
+            try:
+                out.instances.append(parse_instance(src, name, decode))  # type: ignore[arg-type]
+            except DataError as e:
+                out.errors.append(FileError(name, str(e), getattr(e, "study_uid", "")))
     return out
+
+
+def source_kind(name: str, src: bytes | Path | FileError) -> str | FileError:
+    """What :func:`iter_sources` yielded: "volume" (NIfTI/NRRD), "key_image" (PNG/JPEG), "dicom" (to
+    parse), or a FileError (unreadable zip member, file over the size limit)."""
+    if isinstance(src, FileError):
+        return src
+    if isinstance(src, Path):
+        if _is_volume(name):
+            return "volume"
+        if _is_key_image(name):
+            return "key_image"
+        if src.stat().st_size > MAX_FILE_BYTES:
+            return FileError(name, f"{name}: file larger than {MAX_FILE_BYTES // 1024**3} GB")
+    return "dicom"
 
 
 # ------------------------------------------------------------------------------------------------

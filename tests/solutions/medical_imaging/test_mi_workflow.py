@@ -137,3 +137,41 @@ def test_export_sr_text_pdf_round_trip(tmp_home: Path, tmp_path: Path) -> None:
     paths2 = workflow.export_report(uid, tmp_path / "out")
     sr2 = pydicom.dcmread(paths2["sr"])
     assert "PredecessorDocumentsSequence" in sr2 and "Addendum text." in read_sr(sr2)["findings"]
+
+
+def test_parallel_ingest_matches_in_process_ingest(tmp_home: Path, tmp_path: Path) -> None:
+    """Worker processes (parse + de-identify + write) store byte-identical files and the same rows."""
+    from solutions.medical_imaging.benchmark import write_series
+
+    drop = write_series(str(dcm_file("CT_small.dcm")), tmp_path / "drop", workflow.PARALLEL_MIN_FILES + 4,
+                        patient="DOE^JANE")
+    raw = (drop / "slice_0000.dcm").read_bytes()
+    (drop / "cut.dcm").write_bytes(raw[: len(raw) // 2])  # truncated pixel data
+    (drop / "readme.txt").write_text("not an image")
+    serial = workflow.ingest_path(drop, workers=1)
+    stored = {p.name: p.read_bytes() for p in workflow.storage_root().rglob("*.dcm")}
+    counts = _counts()
+    for p in workflow.storage_root().rglob("*.dcm"):
+        p.unlink()
+    parallel = workflow.ingest_path(drop, workers=2)
+    assert parallel.n_instances == serial.n_instances == workflow.PARALLEL_MIN_FILES + 4
+    assert parallel.study_uids == serial.study_uids
+    assert sorted(e["file"] for e in parallel.errors) == sorted(e["file"] for e in serial.errors)
+    assert {Path(e["file"]).name for e in parallel.errors} == {"cut.dcm", "readme.txt"}
+    again = {p.name: p.read_bytes() for p in workflow.storage_root().rglob("*.dcm")}
+    assert again == stored and len(stored) == parallel.n_instances
+    assert _counts() == counts
+    for blob in list(again.values())[:3]:
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(blob))
+        assert "DOE" not in str(ds.PatientName) and ds.PatientIdentityRemoved == "YES"
+        assert ds.pixel_array.shape == (128, 128)  # pixel data written, not lost with the worker's copy
+
+
+def test_ingest_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS", "3")
+    assert workflow.ingest_workers() == 3
+    monkeypatch.setenv("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS", "many")
+    with pytest.raises(Exception, match="whole number"):
+        workflow.ingest_workers()
+    monkeypatch.delenv("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS")
+    assert workflow.ingest_workers() == 1
