@@ -164,9 +164,12 @@ class ModelArgs:
 # Batch-1 fp32 inference (up to F32_MAX_ROWS rows: decode, speculative verify) routes plain nn.Linear
 # layers through a C matrix-vector kernel (the quant runtime's kernel library,
 # ``core.quant.kernels.f32_matvec``): decode is memory-bound and MKL's sgemm at M=1 streams weights at
-# about half the speed. Anything else (training, batches, quantized or hooked modules, no C compiler)
-# takes the module's own forward. ``FAST_MATVEC = False`` turns it off.
+# about half the speed. Weights under ``MATVEC_MIN_NUMEL`` elements (cache-resident; the kernel's
+# Python-side checks cost more than MKL's call) go straight to ``F.linear``. Anything else (training,
+# batches, quantized or hooked modules, no C compiler) takes the module's own forward.
+# ``FAST_MATVEC = False`` turns it off.
 FAST_MATVEC = True
+MATVEC_MIN_NUMEL = 1 << 17  # 512 KiB of fp32 weight
 _matvec: Any = None
 _matvec_rows = 0  # the kernel's row limit (core.quant.kernels.F32_MAX_ROWS), read on first use
 
@@ -181,13 +184,17 @@ def _fast_matvec() -> Any:
 
 
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)``; for a few fp32 rows at inference with a plain, hook-free ``nn.Linear``, the C kernel."""
+    """``m(x)``; for a few fp32 rows at inference with a plain, hook-free ``nn.Linear``, the C kernel
+    (or ``F.linear`` without the module call, for small weights)."""
     mv = _matvec or (_fast_matvec() if FAST_MATVEC else None)
     if (FAST_MATVEC and type(m) is nn.Linear and x.numel() <= _matvec_rows * m.in_features
             and not torch.is_grad_enabled()
             and not m._forward_hooks and not m._forward_pre_hooks and not nn.modules.module._global_forward_hooks
             and not nn.modules.module._global_forward_pre_hooks):
-        y = mv(x, m.weight, m.bias)
+        w = m.weight
+        if w.numel() < MATVEC_MIN_NUMEL:
+            return F.linear(x, w, m.bias)
+        y = mv(x, w, m.bias)
         if y is not None:
             return y
     return m(x)
@@ -489,6 +496,10 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
+    # Decode fast path: expert weights (all routed + shared, fp32 bytes) up to which a few-token step
+    # runs every expert from stacked copies instead of the chosen ones one by one (see ``_moe_step``).
+    dense_decode_bytes: int = 4 << 20
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.gate = Gate(args)
@@ -630,9 +641,47 @@ def _route(g: Gate, s: list[float], c: list[float]) -> tuple[list[int], list[flo
     return idx, [v * g.routed_scaling_factor for v in w]
 
 
+def _moe_dense_weights(m: MoE) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every expert of ``m`` (routed, then shared) stacked into two matrices, or None when they are
+    too big (``MoE.dense_decode_bytes``), not plain linears, or cannot be version-checked:
+    W_in (2 (E I + I_s), D) = [gate_1..gate_E, gate_s, up_1..up_E, up_s], W_out (D, E I + I_s). Kept
+    as copies, rebuilt when a module or parameter was swapped or a weight changed in place (version
+    counter); the check reads ``_modules`` / ``_parameters`` directly (``Module.__getattr__`` is slow)."""
+    cached = m.__dict__.get("_dense")
+    if cached is not None:
+        refs, ws, vers, limit, dense = cached
+        if (limit == MoE.dense_decode_bytes and all(d[k] is o for d, k, o in refs)
+                and [w._version for w in ws] == vers):
+            return dense
+    mlps = [*m.experts, m.shared_experts]
+    refs, lins = [], []
+    for i, e in enumerate(m.experts):
+        refs.append((m.experts._modules, str(i), e))
+    refs.append((m._modules, "shared_experts", m.shared_experts))
+    for e in mlps:
+        if type(e) is not MLP:
+            return None
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            lin = e._modules[n]
+            refs.append((e._modules, n, lin))
+            lins.append(lin)
+    if any(type(x) is not nn.Linear or x.bias is not None or x.weight.is_inference() for x in lins):
+        return None
+    ws = [x.weight for x in lins]
+    refs += [(x._parameters, "weight", w) for x, w in zip(lins, ws, strict=True)]
+    dense = None
+    if sum(w.numel() for w in ws) * ws[0].element_size() <= MoE.dense_decode_bytes:
+        with torch.no_grad():
+            dense = (torch.cat(ws[0::3] + ws[1::3]).contiguous(), torch.cat(ws[2::3], dim=1).contiguous())
+    m.__dict__["_dense"] = (refs, ws, [w._version for w in ws], MoE.dense_decode_bytes, dense)
+    return dense
+
+
 def _moe_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """MoE for a few tokens: route in Python, run each chosen expert once on all rows (a weight of 0
-    for rows that did not choose it; the matvec costs the same for 1-4 rows), accumulate in place."""
+    """MoE for a few tokens, routed in Python. Small experts (``MoE.dense_decode_bytes``): all experts
+    in two matvecs over stacked weights, unchosen ones weighted 0 (a handful of ops instead of ~6 per
+    expert, and 2 tokens cost what 1 does). Bigger ones: each chosen expert once on all rows (weight
+    0 for rows that did not choose it; the matvec costs the same for 1-4 rows), accumulated in place."""
     g = m.gate if type(m) is MoE else None
     if g is None or type(g) is not Gate or g.training or g.track_load:
         return m(x)
@@ -640,6 +689,19 @@ def _moe_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     xf = x.reshape(-1, shape[-1])
     s = F.linear(xf, g.weight).sigmoid_()
     routes = [_route(g, si, ci) for si, ci in zip(s.tolist(), (s + g.e_score_correction_bias).tolist(), strict=True)]
+    dense = _moe_dense_weights(m)
+    if dense is not None:
+        E, N = g.n_experts, xf.shape[0]
+        wd = [[0.0] * E for _ in range(N)]
+        for t, (es, ws) in enumerate(routes):
+            for e, w in zip(es, ws, strict=True):
+                wd[t][e] = w
+        gu = _mv(xf, dense[0])
+        a = gu[:, :gu.shape[1] // 2]
+        a = F.silu(a).mul_(gu[:, gu.shape[1] // 2:])  # (N, E I + I_s)
+        ei = a.shape[1] - m.shared_experts.gate_proj.out_features
+        a[:, :ei].view(N, E, ei // E).mul_(torch.tensor(wd, dtype=a.dtype)[:, :, None])
+        return _mv(a, dense[1]).view(shape)
     y = _mlp_step(m.shared_experts, xf)
     if len(routes) == 1:
         for e, w in zip(*routes[0], strict=True):
@@ -652,6 +714,15 @@ def _moe_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for e, ws in per.items():
             y.add_(_mlp_step(m.experts[e], xf) * torch.tensor(ws, dtype=y.dtype)[:, None])
     return y.view(shape)
+
+
+def _mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a few fp32 rows: the C matvec for big weights when available, else F.linear."""
+    if w.numel() >= MATVEC_MIN_NUMEL:
+        y = (_matvec or _fast_matvec())(x, w, None)
+        if y is not None:
+            return y
+    return F.linear(x, w)
 
 
 def _layer_step(layer: DecoderLayer, x: torch.Tensor, rot: torch.Tensor, rot_q: torch.Tensor,
@@ -731,6 +802,7 @@ class DeepseekV3(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
         self.inv_freq.copy_(rope_inv_freq(self.args)[0])
+        self.__dict__.pop("_step_memo", None)
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         self.gradient_checkpointing = enable
@@ -783,6 +855,10 @@ class DeepseekV3(nn.Module):
         cache.key_mask[:, start:start + T] = True
         cache.pos += T
         # Same cos/sin values as ``rope`` (positions = start.. since no row is padded).
+        memo = self.__dict__.get("_step_memo")  # the MTP draft after a verify step reuses its matrices
+        if memo is not None and memo[0] == (start, dtype, device) and memo[1] >= T:
+            rot, rot_q, mask = memo[2]
+            return rot[:T], rot_q[:T], (mask[:T, :start + T] if T > 1 else None), start
         f = torch.arange(start, start + T, device=device)[:, None].float() * self.inv_freq  # (T, d/2)
         cs = torch.cat([f.cos(), -f.sin(), f.cos(), f.sin()], dim=-1).mul_(self.rope_scale).to(dtype)
         d = self.args.qk_rope_head_dim
@@ -799,6 +875,7 @@ class DeepseekV3(nn.Module):
         mask = None
         if T > 1:
             mask = torch.full((T, start + T), float("-inf"), dtype=dtype, device=device).triu_(start + 1)
+        self.__dict__["_step_memo"] = ((start, dtype, device), T, (rot, rot_q, mask))
         return rot, rot_q, mask, start
 
     def _prepare(self, B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None,

@@ -133,31 +133,31 @@ def speculative_generate(model: DeepseekV3, prompt: Sequence[int], max_new_token
     if max_len > model.args.max_position_embeddings:
         raise DataError("prompt + max_new_tokens exceeds the model's context")
     cache, mcache = model.new_cache(1, max_len), model.new_cache(1, max_len, mtp=True)
-    out = model(ids, cache=cache, return_hidden=True)
+    out = model(ids, cache=cache, logits_to_keep=1, return_hidden=True)
     st.main_forwards += 1
-    nxt = out.logits[:, -1].argmax(-1)  # (1,)
-    mlog, _ = model.mtp_forward(0, out.hidden, torch.cat([ids[:, 1:], nxt[:, None]], 1), cache=mcache)
-    draft = mlog[:, -1].argmax(-1)
-    result = [int(nxt)]
+    nxt = int(out.logits[0, -1].argmax())
+    mlog, _ = model.mtp_forward(0, out.hidden, torch.cat([ids[:, 1:], ids.new_tensor([[nxt]])], 1), cache=mcache,
+                                logits_to_keep=1)
+    draft = int(mlog[0, -1].argmax())
+    result = [nxt]
+    # Token ids stay Python ints: one argmax + one ``tolist`` per main forward, one ``int`` per draft.
     while len(result) < max_new_tokens and not (eos_token_id is not None and result[-1] == eos_token_id):
-        out = model(torch.stack([nxt, draft], 1), cache=cache, return_hidden=True)  # positions L, L+1
+        out = model(ids.new_tensor([[nxt, draft]]), cache=cache, return_hidden=True)  # positions L, L+1
         st.main_forwards += 1
         st.drafted += 1
-        true1 = out.logits[:, 0].argmax(-1)
-        if bool(true1 == draft):
+        true1, true2 = out.logits[0].argmax(-1).tolist()
+        result.append(true1)
+        if true1 == draft:
             st.accepted += 1
-            true2 = out.logits[:, 1].argmax(-1)
-            result.append(int(true1))
-            if (eos_token_id is not None and int(true1) == eos_token_id) or len(result) >= max_new_tokens:
+            if (eos_token_id is not None and true1 == eos_token_id) or len(result) >= max_new_tokens:
                 break
-            result.append(int(true2))
-            h_new, ids_new, nxt = out.hidden, torch.stack([true1, true2], 1), true2
+            result.append(true2)
+            h_new, ids_new, nxt = out.hidden, ids.new_tensor([[true1, true2]]), true2
         else:
             cache.truncate(cache.length - 1)  # forget the rejected draft's latent
-            result.append(int(true1))
-            h_new, ids_new, nxt = out.hidden[:, :1], true1[:, None], true1
-        mlog, _ = model.mtp_forward(0, h_new, ids_new, cache=mcache)
-        draft = mlog[:, -1].argmax(-1)
+            h_new, ids_new, nxt = out.hidden[:, :1], ids.new_tensor([[true1]]), true1
+        mlog, _ = model.mtp_forward(0, h_new, ids_new, cache=mcache, logits_to_keep=1)
+        draft = int(mlog[0, -1].argmax())
     return result[:max_new_tokens]
 
 
