@@ -70,6 +70,8 @@ class Benchmark:
     metric: Literal["accuracy", "balanced_accuracy"] = "accuracy"  # what R[i][j] holds
     optimizer: Literal["adam", "sgd"] = "adam"  # sgd = SGD with momentum 0.9, constant lr
     ewc_apply: str = "grad"  # ApplyMode of core.continual.ewc
+    ewc_temperature: float = 1.0  # softmax temperature of the sampled ("true") Fisher
+    ewc_normalize: str = "none"  # FisherNorm of core.continual.ewc: "none", "max" or "mean" per task
     notes: dict[str, str] = field(default_factory=dict)
 
 

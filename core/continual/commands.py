@@ -15,13 +15,14 @@ import typer
 
 from core.errors import ConfigError
 
-METHOD_CHOICES = ("naive", "ewc", "online-ewc", "lora", "replay")
+METHOD_CHOICES = ("naive", "ewc", "online-ewc", "lora", "replay", "ewc+replay", "online-ewc+replay")
 BENCHMARK_CHOICES = ("permuted-digits", "intents", "defects")
 
 
 def continual_eval(
     benchmark: Annotated[str, typer.Option(help="permuted-digits | intents | defects")] = "permuted-digits",
-    method: Annotated[str, typer.Option(help="naive | ewc | online-ewc | lora | replay, or a comma list "
+    method: Annotated[str, typer.Option(help="naive | ewc | online-ewc | lora | replay | ewc+replay | "
+                                        "online-ewc+replay, or a comma list "
                                         "(one shared naive/joint reference; one JSON line per method)")] = "ewc",
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON result on stdout.")] = False,
     out: Annotated[Path | None, typer.Option(help="Folder for the JSON and PNG plots.")] = None,

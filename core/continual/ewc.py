@@ -43,6 +43,7 @@ from core.train.hooks import TrainerHook
 EWCMode = Literal["separate", "online"]
 ApplyMode = Literal["grad", "loss", "prox"]
 FisherKind = Literal["empirical", "empirical_per_sample", "true"]
+FisherNorm = Literal["none", "max", "mean"]
 ParamFilter = Callable[[str], bool] | Sequence[str] | None
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -130,6 +131,8 @@ class EWC(TrainerHook):
         output_fn: OutputFn | None = None,
         apply: ApplyMode = "grad",
         consolidate_at_task_end: bool = True,
+        temperature: float = 1.0,
+        normalize: FisherNorm = "none",
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
@@ -139,6 +142,13 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC apply must be 'grad', 'loss' or 'prox', not {apply!r}")
         if lam < 0 or not 0.0 <= decay <= 1.0:
             raise ConfigError("EWC needs lam >= 0 and 0 <= decay <= 1")
+        if not temperature > 0.0:
+            raise ConfigError(f"EWC temperature must be > 0, not {temperature!r}")
+        if temperature != 1.0 and fisher != "true":
+            raise ConfigError("EWC temperature applies to fisher='true' only (labels drawn from the model)")
+        if normalize not in ("none", "max", "mean"):
+            raise ConfigError(f"EWC normalize must be 'none', 'max' or 'mean', not {normalize!r}")
+        self.temperature, self.normalize = float(temperature), normalize
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
         self.fisher_samples = fisher_samples
         self.consolidate_at_task_end = consolidate_at_task_end
@@ -234,7 +244,7 @@ class EWC(TrainerHook):
         task_id: str,
     ) -> dict[str, torch.Tensor]:
         """Estimate the Fisher on ``loader``, store it with the current weights as anchors. Returns F."""
-        fisher = self.estimate_fisher(model, loss_fn, loader)
+        fisher = self._normalized(self.estimate_fisher(model, loss_fn, loader))
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
         if self.mode == "online":
             old = self.fishers.get("online", {})
@@ -246,6 +256,21 @@ class EWC(TrainerHook):
         self.tasks.append(task_id)
         self._rebuild()
         return fisher
+
+    def _normalized(self, fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``normalize="max"``: divide the task's Fisher by its largest entry (over every covered
+        parameter); ``"mean"``: by its mean entry. Each task then weighs the same in the penalty whatever
+        the estimator's scale (which shrinks as a task's training loss goes to 0), and ``lam`` is the
+        stiffness of the task's most (max) or typically (mean) important weight."""
+        if self.normalize == "none":
+            return fisher
+        if self.normalize == "max":
+            scale = max(float(f.max()) for f in fisher.values())
+        else:
+            scale = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+        if scale <= 0.0:
+            return fisher  # an all-zero Fisher stays zero
+        return {n: f / scale for n, f in fisher.items()}
 
     def estimate_fisher(
         self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], loader: Iterable[Any]
@@ -268,9 +293,8 @@ class EWC(TrainerHook):
                     self._accumulate(model, params, fisher, loss_fn(model, batch), float(n))
                     seen += n
                     continue
-                for i in range(batch_size_of(batch)):
-                    if budget is not None and seen >= budget:
-                        break
+                take = batch_size_of(batch) if budget is None else min(batch_size_of(batch), budget - seen)
+                for i in range(take):
                     one = slice_batch(batch, i)
                     self._accumulate(model, params, fisher, self._sample_loss(model, loss_fn, one), 1.0)
                     seen += 1
@@ -286,7 +310,7 @@ class EWC(TrainerHook):
         if self.fisher_kind == "empirical_per_sample":
             return loss_fn(model, one)
         logits = self.output_fn(model, one)  # (1, ..., C)
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # (N, C): every position is one prediction
+        flat = logits.reshape(-1, logits.shape[-1]).float() / self.temperature  # (N, C): one prediction each
         with torch.no_grad():
             drawn = torch.multinomial(torch.softmax(flat, dim=-1), 1).squeeze(-1)  # y ~ p(y|x)
         return nn.functional.cross_entropy(flat, drawn)
@@ -319,6 +343,7 @@ class EWC(TrainerHook):
     def state_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "fisher_kind": self.fisher_kind, "lam": self.lam, "decay": self.decay,
+            "temperature": self.temperature, "normalize": self.normalize,
             "tasks": list(self.tasks),
             "fishers": {t: {n: f.cpu() for n, f in fs.items()} for t, fs in self.fishers.items()},
             "anchors": {t: {n: a.cpu() for n, a in a_.items()} for t, a_ in self.anchors.items()},

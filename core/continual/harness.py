@@ -15,7 +15,9 @@ Outputs (``run``):
 
 Methods: ``naive`` (fine-tune), ``ewc`` (separate Fisher per task), ``online-ewc``, ``lora`` (first task
 trains the whole model; each later task trains only its own adapters, plus its head in task-incremental
-benchmarks; inference picks the adapter by task id), ``replay`` (reservoir buffer, rehearsal).
+benchmarks; inference picks the adapter by task id), ``replay`` (reservoir buffer, rehearsal), and the
+combinations ``ewc+replay`` / ``online-ewc+replay`` (both hooks: EWC penalty plus rehearsal; reported
+under their own names, never as EWC alone).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from core.continual.replay import Replay, ReservoirBuffer
 from core.errors import ConfigError
 from core.train.hooks import TrainerHook
 
-Method = Literal["naive", "ewc", "online-ewc", "lora", "replay"]
-METHODS: tuple[str, ...] = ("naive", "ewc", "online-ewc", "lora", "replay")
+Method = Literal["naive", "ewc", "online-ewc", "lora", "replay", "ewc+replay", "online-ewc+replay"]
+METHODS: tuple[str, ...] = ("naive", "ewc", "online-ewc", "lora", "replay", "ewc+replay", "online-ewc+replay")
 
 
 class TensorLoader:
@@ -118,14 +120,18 @@ def _eval_row(bench: Benchmark, model: nn.Module, method: str, device: str) -> l
 
 
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
+    if method.endswith("+replay"):  # a combination: the EWC penalty and rehearsal of a reservoir
+        return _hooks(bench, method.removesuffix("+replay"), seed) + _hooks(bench, "replay", seed)
     if method == "ewc":
         return [EWC(bench.ewc_lambda, mode="separate", fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
-                    fisher_samples=bench.fisher_samples, output_fn=output_fn)]
+                    fisher_samples=bench.fisher_samples, output_fn=output_fn,
+                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize)]  # type: ignore[arg-type]
     if method == "online-ewc":
         return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
-                    fisher_samples=bench.fisher_samples, output_fn=output_fn)]
+                    fisher_samples=bench.fisher_samples, output_fn=output_fn,
+                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize)]  # type: ignore[arg-type]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
     return []

@@ -260,3 +260,45 @@ def test_prox_mode_keeps_the_task_gradient_untouched(net: Net) -> None:
     before = [p.grad.clone() for p in net.parameters()]
     ewc.after_backward(trainer)
     assert all(torch.equal(b, p.grad) for b, p in zip(before, net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("norm", ["max", "mean"])
+def test_normalized_fisher_scales_each_task_to_one(net: Net, norm: str) -> None:
+    raw = EWC(1.0).estimate_fisher(net, loss_fn, task_data(20))
+    ewc = EWC(1.0, normalize=norm)  # type: ignore[arg-type]
+    stored = ewc.consolidate(net, loss_fn, task_data(20), "a")
+    if norm == "max":
+        assert max(float(f.max()) for f in stored.values()) == pytest.approx(1.0)
+    else:
+        total = sum(float(f.sum()) for f in stored.values())
+        assert total / sum(f.numel() for f in stored.values()) == pytest.approx(1.0)
+    ratio = float(stored["head.weight"].sum() / raw["head.weight"].sum())  # same shape, one scale factor
+    for n, f in stored.items():
+        torch.testing.assert_close(f, raw[n] * ratio, rtol=1e-5, atol=1e-12)
+    # a second task with a 100x larger loss scale weighs the same after normalisation
+    ewc.consolidate(net, lambda m, b: 10.0 * loss_fn(m, b), task_data(21), "b")
+    top = [max(float(f.max()) for f in ewc.fishers[t].values()) for t in ("a", "b")]
+    if norm == "max":
+        assert top == pytest.approx([1.0, 1.0])
+
+
+def test_temperature_divides_the_logits_of_the_sampled_fisher(net: Net) -> None:
+    data = task_data(22)
+    torch.manual_seed(5)
+    hot = EWC(1.0, fisher="true", temperature=3.0).estimate_fisher(net, loss_fn, data)
+    torch.manual_seed(5)
+    scaled = EWC(1.0, fisher="true", output_fn=lambda m, b: m(b[0]) / 3.0).estimate_fisher(net, loss_fn, data)
+    torch.manual_seed(5)
+    plain = EWC(1.0, fisher="true").estimate_fisher(net, loss_fn, data)
+    for n in hot:
+        torch.testing.assert_close(hot[n], scaled[n])
+    assert any(not torch.allclose(hot[n], plain[n]) for n in hot)
+
+
+def test_temperature_and_normalize_are_checked() -> None:
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="empirical_per_sample", temperature=2.0)
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="true", temperature=0.0)
+    with pytest.raises(ConfigError):
+        EWC(1.0, normalize="sum")  # type: ignore[arg-type]

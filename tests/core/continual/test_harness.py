@@ -214,3 +214,19 @@ def test_cli_several_methods_share_one_reference(tmp_path: Path, tmp_home: Path,
     assert len(list(tmp_path.glob("*.png"))) == 4
     bad = CliRunner().invoke(app, ["core", "continual-eval", "--method", "ewc,distill", "--json"])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("method", ["ewc+replay", "online-ewc+replay"])
+def test_ewc_plus_replay_combination_uses_both_hooks(method: str) -> None:
+    from core.continual.ewc import EWC
+    from core.continual.replay import Replay
+
+    b = benchmarks.permuted_digits(n_tasks=2)
+    hooks = harness._hooks(b, method, seed=0)
+    assert [type(h) for h in hooks] == [EWC, Replay]
+    assert hooks[0].mode == ("online" if method.startswith("online") else "separate")
+    assert hooks[1].buffer.capacity == b.replay_capacity
+    b.epochs, b.batch_size, b.fisher_samples = 3, 64, 64
+    b.make_model = lambda: benchmarks.MLP(64, 64, 10)
+    r, _ = harness.train_sequence(b, method)
+    assert len(r) == 2 and r[0][0] > 0.3  # trains (chance is 0.1)
