@@ -331,7 +331,14 @@ def _empty_like(c: LatentCache, batch: int, max_len: int) -> LatentCache:
     out.key_mask = torch.zeros(batch, max_len, dtype=torch.bool)
     out.pos = torch.zeros(batch, dtype=torch.long)
     out.length, out.max_len = 0, max_len
+    out.padded = False
     return out
+
+
+def _mark_padded(c: LatentCache) -> LatentCache:
+    """``padded``: some row has a masked slot in [0, length) (the model's decode fast path needs none)."""
+    c.padded = not bool(c.key_mask[:, :c.length].all())
+    return c
 
 
 def _trim_left(c: LatentCache) -> int:
@@ -350,13 +357,13 @@ def _select_rows(c: LatentCache, keep: list[int]) -> LatentCache:
         dst[:, :L] = src[idx, lead:c.length]
     out.key_mask[:, :L] = c.key_mask[idx, lead:c.length]
     out.pos, out.length = c.pos[idx].clone(), L
-    return out
+    return _mark_padded(out)
 
 
 def _view_rows(c: LatentCache, idx: torch.Tensor) -> LatentCache:
     v = LatentCache.__new__(LatentCache)
     v.kv, v.key_mask, v.pos, v.length, v.max_len = c.kv, c.key_mask[idx], c.pos[idx], c.length, c.max_len
-    return v
+    return _mark_padded(v)
 
 
 def _concat(a: LatentCache, b: LatentCache) -> LatentCache:
@@ -373,7 +380,7 @@ def _concat(a: LatentCache, b: LatentCache) -> LatentCache:
         out.pos[off:off + n] = c.pos
         off += n
     out.length = L
-    return out
+    return _mark_padded(out)
 
 
 def _resize(c: LatentCache, max_len: int) -> LatentCache:
@@ -382,7 +389,7 @@ def _resize(c: LatentCache, max_len: int) -> LatentCache:
         dst[:, :c.length] = src[:, :c.length]
     out.key_mask[:, :c.length] = c.key_mask[:, :c.length]
     out.pos, out.length = c.pos.clone(), c.length
-    return out
+    return _mark_padded(out)
 
 
 def _eos_of(model: DeepseekV3) -> int | None:
