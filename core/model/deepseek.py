@@ -739,15 +739,16 @@ def _fast_types_ok(layer: nn.Module) -> bool:
 
 
 def _hooks_free(model: nn.Module) -> bool:
-    """No forward hooks on any module of ``model`` (nor global ones). The module scan is redone only
-    after a hook was registered somewhere (torch's hook handle counter moved)."""
+    """No forward hooks on any module of ``model`` (nor global ones). A hook-free result is trusted
+    until a hook is registered anywhere (torch's hook handle counter moves); a hooked one is rescanned
+    (hooks may have been removed since)."""
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks:
         return False
     nid = getattr(torch.utils.hooks.RemovableHandle, "next_id", None)
     cached = model.__dict__.get("_hook_scan")
-    if nid is not None and cached is not None and cached[0] == nid:
-        return cached[1]
+    if nid is not None and cached is not None and cached[0] == nid and cached[1]:
+        return True
     free = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     model.__dict__["_hook_scan"] = (nid, free)
     return free
