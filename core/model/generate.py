@@ -77,15 +77,17 @@ def stream(model: DeepseekV3, prompts: Sequence[Sequence[int]], params: Sampling
     cache = model.new_cache(B, max_len)
     padded = not bool(mask.all())
     logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1)[:, -1]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B  # Python bookkeeping: one ``tolist`` per step is the only sync
     for step in range(p.max_new_tokens):
         nxt = sample_next(logits, p.temperature, p.top_p, gen)
-        yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist(), strict=True)]
+        toks = nxt.tolist()
+        yield [None if d else t for t, d in zip(toks, done, strict=True)]
         if p.eos_token_id is not None:
-            done |= nxt == p.eos_token_id
-        if bool(done.all()) or step == p.max_new_tokens - 1:
+            done = [d or t == p.eos_token_id for t, d in zip(toks, done, strict=True)]
+        if all(done) or step == p.max_new_tokens - 1:
             return
-        step_mask = (~done).long()[:, None] if (padded or bool(done.any())) else None
+        step_mask = (torch.tensor([[0 if d else 1] for d in done], dtype=torch.long, device=device)
+                     if (padded or any(done)) else None)
         logits = model(nxt[:, None], attention_mask=step_mask, cache=cache)[:, -1]
 
 
