@@ -147,20 +147,30 @@ def _store_target(root: Path, inst: dicom_io.ParsedInstance) -> Path:
     return root / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
 
 
-def _prepare_dicom(job: tuple[str, bytes | Path, bytes, bool, str]) -> tuple[Any, dict[str, str]]:
-    """Worker step for one DICOM source: parse (native pixels validated, not decoded), de-identify in
-    place, write the de-identified file to its storage path. Returns the instance without its pixel
-    data (nothing after this step needs it) or a FileError, and the pseudonym map entries."""
+_made_dirs: set[Path] = set()
+
+
+def _prepare_dicom(job: tuple[str, bytes | Path, bytes, bool, str],
+                   d: Deidentifier | None = None) -> tuple[Any, dict[str, str]]:
+    """One DICOM source: parse (native pixels validated, not decoded), de-identify in place, write the
+    de-identified file to its storage path. Returns the instance (in a worker process: without its
+    pixel data, which nothing after this step needs) or a FileError, and the pseudonym map entries.
+    ``d``: the caller's de-identifier when run in-process."""
     name, src, key, keep_map, root = job
-    d = Deidentifier(key=key, keep_map=keep_map)
+    in_worker = d is None
+    d = d or Deidentifier(key=key, keep_map=keep_map)
     try:
         inst = dicom_io.parse_instance(src, name, decode=False)
     except DataError as e:
         return dicom_io.FileError(name, str(e), getattr(e, "study_uid", "")), {}
     d(inst.dataset)
     target = _store_target(Path(root), inst)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.parent not in _made_dirs or not target.parent.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _made_dirs.add(target.parent)
     inst.dataset.save_as(target, enforce_file_format=True)
+    if not in_worker:
+        return dicom_io.ParsedInstance(str(target), inst.dataset, None), {}
     ds = inst.dataset
     for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if kw in ds:
@@ -198,11 +208,11 @@ def _scan_deid_store(path: str | Path, d: Deidentifier, root: Path, workers: int
                 pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
             try:
                 results = (list(pool.map(_prepare_dicom, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-                           if pool is not None else [_prepare_dicom(j) for j in jobs])
+                           if pool is not None else [_prepare_dicom(j, d) for j in jobs])
             except BrokenProcessPool:  # a worker died (e.g. out of memory): finish this batch in-process
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool, workers = None, 1
-                results = [_prepare_dicom(j) for j in jobs]
+                results = [_prepare_dicom(j, d) for j in jobs]
             for res, pseudonyms in results:
                 if isinstance(res, dicom_io.FileError):
                     out.errors.append(res)
