@@ -53,13 +53,19 @@ class DetectorConfig:
     background: Background = "median"  # subtract each part's median map level before scoring
     blur_sigma: float = 4.0
     batch_size: int = 32
+    # coarse branch: (mean, std) of the patch features over a coarse_grid x coarse_grid grid of
+    # regions, kNN to normal regions (PCA bank_dim, coreset coarse_bank); catches large-area
+    # changes (uneven texture/brightness) that each local patch alone does not show. 0 = off
+    coarse_grid: int = 8
+    coarse_bank: int = 4096
+    coarse_weight: float = 1.0
 
     @classmethod
     def tiny(cls) -> DetectorConfig:
         """A seconds-to-train config (64 px, narrow net, 6 SSL steps) for tests and plumbing
         measurements (`verticals capacity --tiny-models`): exercises every stage, not quality."""
         return cls(features=FeatureConfig(image_size=64, widths=(8, 16, 24, 32), steps=6, batch_size=4),
-                   coreset_size=64, min_holdout=4, batch_size=8)
+                   coreset_size=64, min_holdout=4, batch_size=8, coarse_grid=4, coarse_bank=64)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,6 +89,7 @@ class MapOutput:
     feats: torch.Tensor
     knn: torch.Tensor
     seg: torch.Tensor
+    coarse: torch.Tensor | None = None  # (B, h, w) standardised coarse-branch map, or None when off
 
 
 @dataclass
@@ -161,6 +168,10 @@ class AnomalyDetector:
         self.bank_proj: torch.Tensor | None = None     # (D, p) PCA projection of patch features
         self.stats: dict[str, float] = {}              # mean/std of knn and seg maps on normals
         self.pos_stats: torch.Tensor | None = None      # (4, h, w) per-position knn/seg mean, std
+        self.coarse_memory: torch.Tensor | None = None  # (Mc, p) normal region descriptors (PCA space)
+        self.coarse_mean: torch.Tensor | None = None    # (2D,) region descriptor mean
+        self.coarse_proj: torch.Tensor | None = None    # (2D, p) standardise + PCA, folded into one matrix
+        self.coarse_stats: torch.Tensor | None = None   # (2, g, g) per-region mean, std on held-out normals
         self.calibrator: Calibrator | None = None
         self.fewshot = None                             # solutions.industrial_qa.fewshot.FewShotHead
         self.info: dict = {}
@@ -188,12 +199,15 @@ class AnomalyDetector:
                                                                     (i + 1) / cfg.features.steps))
         self.net = self.net.eval().to(memory_format=torch.channels_last)
         report("memory bank", 0.0)
-        feats = []
+        feats, regions = [], []
         with torch.inference_mode():
             for i in range(0, len(images), cfg.batch_size):
                 xb = torch.from_numpy(images[i:i + cfg.batch_size]).contiguous(memory_format=torch.channels_last)
                 f, _ = self.net(xb)
                 feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+                if cfg.coarse_grid > 0:
+                    r = self._regions(f)
+                    regions.append(r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]))
                 report("memory bank", min(1.0, (i + cfg.batch_size) / len(images)) * 0.5)
         allf = torch.cat(feats)
         g = torch.Generator().manual_seed(cfg.features.seed)
@@ -210,6 +224,7 @@ class AnomalyDetector:
             allf = (allf - mu) @ self.bank_proj
         self.memory = allf[greedy_coreset(allf, cfg.coreset_size, cfg.features.seed)].contiguous()
         self.memory_sq = (self.memory ** 2).sum(1)
+        self._fit_coarse_bank(torch.cat(regions) if regions else None)
         report("calibration", 0.0)
         hold_x = load_batch(hold, size)
         hold_scores = self._fit_normalisation(hold_x)
@@ -220,6 +235,58 @@ class AnomalyDetector:
         report("done", 1.0)
         return self
 
+    def _regions(self, feats: torch.Tensor) -> torch.Tensor:
+        """Region descriptors ``(B, 2D, g, g)``: mean and std of the patch features ``(B, D, h, w)``
+        over a ``g x g`` grid of regions (texture statistics at 1/g of the part)."""
+        g = self.config.coarse_grid
+        f = feats.float().contiguous()
+        mu = F.adaptive_avg_pool2d(f, g)
+        sd = (F.adaptive_avg_pool2d(f * f, g) - mu * mu).clamp_min(0).sqrt()
+        return torch.cat([mu, sd], 1)
+
+    def _fit_coarse_bank(self, regions: torch.Tensor | None) -> None:
+        """Standardise + PCA + coreset of the normal region descriptors ``(N, 2D)`` (None: branch off)."""
+        cfg = self.config
+        self.coarse_memory = self.coarse_mean = self.coarse_proj = self.coarse_stats = None
+        if regions is None or cfg.coarse_grid <= 0 or regions.shape[0] < 4:
+            return
+        mu, sd = regions.mean(0), regions.std(0) + 1e-6
+        z = (regions - mu) / sd
+        p = min(cfg.bank_dim if cfg.bank_dim > 0 else z.shape[1], z.shape[1])
+        cov = (z.T @ z) / max(z.shape[0] - 1, 1)
+        _, vecs = torch.linalg.eigh(cov.double())
+        proj = (vecs[:, -p:].flip(1).float() / sd[:, None]).contiguous()   # standardisation folded in
+        bank = (regions - mu) @ proj
+        self.coarse_mean, self.coarse_proj = mu, proj
+        self.coarse_memory = bank[greedy_coreset(bank, cfg.coarse_bank, cfg.features.seed)].contiguous()
+
+    def _coarse_raw(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """kNN distance of each region to the normal regions ``(B, g, g)`` (None when the branch is off)."""
+        if self.coarse_memory is None or feats.shape[1] != self.coarse_mean.shape[0] // 2:
+            return None
+        r = self._regions(feats)
+        b, d, g, _ = r.shape
+        q = (r.permute(0, 2, 3, 1).reshape(-1, d) - self.coarse_mean) @ self.coarse_proj
+        return torch.cdist(q, self.coarse_memory).min(1).values.view(b, g, g)
+
+    def coarse_map(self, feats: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Standardised, part-median-subtracted coarse map upsampled to the stride-8 grid ``(B, h, w)``."""
+        c = self._coarse_raw(feats) if raw is None else raw
+        if c is None or self.coarse_stats is None:
+            return None
+        z = (c - self.coarse_stats[0]) / self.coarse_stats[1]
+        z = z - z.flatten(1).median(1).values[:, None, None]
+        return F.interpolate(z[:, None], size=feats.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+    @staticmethod
+    def _loo_z(m: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Leave-one-out per-position z-scores of ``m (n, h, w)`` and the all-in mean, std ``(h, w)``."""
+        n = m.shape[0]
+        tot, tot2 = m.sum(0), (m ** 2).sum(0)
+        mu_loo = (tot[None] - m) / (n - 1)                              # (n, h, w)
+        var_loo = ((tot2[None] - m ** 2) - (n - 1) * mu_loo ** 2) / (n - 2)
+        return (m - mu_loo) / var_loo.clamp_min(0).sqrt().clamp_min(floor), tot / n, m.std(0).clamp_min(floor)
+
     @torch.inference_mode()
     def _fit_normalisation(self, hold_x: np.ndarray) -> np.ndarray:
         """Map statistics from held-out normals ``(n, 3, S, S)``; returns their image scores ``(n,)``.
@@ -228,28 +295,41 @@ class AnomalyDetector:
         held-out image is scored with leave-one-out statistics (closed form): otherwise its own map
         would be in its normaliser and the threshold would come out too low.
         """
-        knn, seg = [], []
+        knn, seg, coarse = [], [], []
         for i in range(0, len(hold_x), self.config.batch_size):
-            _, k, s = self._raw(torch.from_numpy(hold_x[i:i + self.config.batch_size]))
+            f, k, s = self._raw(torch.from_numpy(hold_x[i:i + self.config.batch_size]))
             knn.append(k)
             seg.append(s)
+            c = self._coarse_raw(f)
+            if c is not None:
+                coarse.append(c)
         k_all, s_all = torch.cat(knn), torch.cat(seg)                   # (n, h, w) each
+        self.coarse_stats = None
+        c_all = torch.cat(coarse) if coarse else None                   # (n, g, g) or None
+        if c_all is not None and c_all.shape[0] >= 3:
+            # held-out images are scored with leave-one-out statistics, as for the stride-8 maps
+            floor = 0.25 * float(c_all.std(0).mean()) + 1e-6
+            c_loo, c_mu, c_sd = self._loo_z(c_all, floor)
+            self.coarse_stats = torch.stack([c_mu, c_sd])
         self.stats = {"knn_mean": float(k_all.mean()), "knn_std": float(k_all.std()) + 1e-6,
                       "seg_mean": float(s_all.mean()), "seg_std": float(s_all.std()) + 1e-6}
         n = k_all.shape[0]
         self.pos_stats = None
         if self.config.norm == "global" or n < 3:
+            self.coarse_stats = None
             return self.score_arrays(hold_x).scores
         parts, loo = [], []
         for m in (k_all, s_all):
             floor = 0.25 * float(m.std(0).mean()) + 1e-6    # keeps near-constant positions finite
-            tot, tot2 = m.sum(0), (m ** 2).sum(0)
-            mu_loo = (tot[None] - m) / (n - 1)                              # (n, h, w)
-            var_loo = ((tot2[None] - m ** 2) - (n - 1) * mu_loo ** 2) / (n - 2)
-            loo.append((m - mu_loo) / var_loo.clamp_min(0).sqrt().clamp_min(floor))
-            parts += [tot / n, m.std(0).clamp_min(floor)]
+            z, mu, sd = self._loo_z(m, floor)
+            loo.append(z)
+            parts += [mu, sd]
         self.pos_stats = torch.stack(parts)                                 # (4, h, w)
-        small = self._combine(loo[0], loo[1])
+        cz = None
+        if self.coarse_stats is not None:
+            cz = c_loo - c_loo.flatten(1).median(1).values[:, None, None]
+            cz = F.interpolate(cz[:, None], size=k_all.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        small = self._combine(loo[0], loo[1], cz)
         return self.upsample(small, hold_x.shape[-1]).flatten(1).max(1).values.numpy()
 
     def recalibrate(self) -> None:
@@ -292,16 +372,20 @@ class AnomalyDetector:
         st = self.stats
         return (knn - st["knn_mean"]) / st["knn_std"], (seg - st["seg_mean"]) / st["seg_std"]
 
-    def fuse(self, knn: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """Standardise and combine the stride-8 maps ``(B, h, w)`` per the configured fusion."""
-        return self._combine(*self.standardise(knn, seg))
+    def fuse(self, knn: torch.Tensor, seg: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardise and combine the stride-8 maps ``(B, h, w)`` per the configured fusion;
+        ``coarse`` is the already standardised coarse-branch map (:meth:`coarse_map`), added with
+        ``coarse_weight``."""
+        return self._combine(*self.standardise(knn, seg), coarse)
 
-    def _combine(self, kz: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    def _combine(self, kz: torch.Tensor, sz: torch.Tensor, cz: torch.Tensor | None = None) -> torch.Tensor:
         z = kz if self.config.fusion == "knn" else sz if self.config.fusion == "seg" else kz + sz
         if self.config.background == "median":
             # a part-wide offset (lighting, texture density) is normal variation, not a defect; the
             # median only moves when more than half of the part is elevated
             z = z - z.flatten(1).median(1).values[:, None, None]
+        if cz is not None:
+            z = z + self.config.coarse_weight * cz
         return z
 
     def upsample(self, small: torch.Tensor, size: int) -> torch.Tensor:
@@ -324,17 +408,19 @@ class AnomalyDetector:
         for i in range(0, len(x), self.config.batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[i:i + self.config.batch_size]))
             feats, knn, seg = self._raw(xb)
+            cz = self.coarse_map(feats)
             if self.fewshot is not None:
-                small = self.fewshot.patch_map(self, feats, knn, seg)
+                small = self.fewshot.patch_map(self, feats, knn, seg, cz)
             else:
-                small = self.fuse(knn, seg)
+                small = self.fuse(knn, seg, cz)
             maps = self.upsample(small, x.shape[-1])
             scores = maps.flatten(1).max(1).values
             if self.fewshot is not None:
-                scores = self.fewshot.image_score(self, feats, knn, seg, maps)
-            outs.append((maps, scores, feats, knn, seg))
+                scores = self.fewshot.image_score(self, feats, knn, seg, maps, cz)
+            outs.append((maps, scores, feats, knn, seg, cz))
         cat = [torch.cat([o[j] for o in outs]) for j in range(5)]
-        return MapOutput(cat[0].numpy(), cat[1].numpy(), cat[2], cat[3], cat[4])
+        coarse = torch.cat([o[5] for o in outs]) if outs and outs[0][5] is not None else None
+        return MapOutput(cat[0].numpy(), cat[1].numpy(), cat[2], cat[3], cat[4], coarse)
 
     def inspect_images(self, sources: Sequence[Path | bytes], threshold: float | None = None
                        ) -> list[InspectionResult]:
@@ -377,6 +463,11 @@ class AnomalyDetector:
             tensors["bank_mean"], tensors["bank_proj"] = self.bank_mean.contiguous(), self.bank_proj.contiguous()
         if self.pos_stats is not None:
             tensors["pos_stats"] = self.pos_stats.contiguous()
+        if self.coarse_memory is not None:
+            tensors |= {"coarse_memory": self.coarse_memory.contiguous(), "coarse_mean": self.coarse_mean.contiguous(),
+                        "coarse_proj": self.coarse_proj.contiguous()}
+            if self.coarse_stats is not None:
+                tensors["coarse_stats"] = self.coarse_stats.contiguous()
         meta = {"format": FORMAT_VERSION, "config": self.config.to_dict(), "stats": self.stats,
                 "calibrator": self.calibrator.to_dict() if self.calibrator else None, "info": self.info}
         if self.fewshot is not None:
@@ -398,6 +489,7 @@ class AnomalyDetector:
         cfg.setdefault("norm", "global")  # models saved before per-position statistics existed
         cfg.setdefault("background", "none")
         cfg.setdefault("bank_dim", 0)  # models saved before the PCA bank
+        cfg.setdefault("coarse_grid", 0)  # models saved before the coarse branch
         det = cls(DetectorConfig.from_dict(cfg))
         tensors = load_file(str(folder / "weights.safetensors"))
         det.net = FeatureNet(det.config.features)
@@ -408,6 +500,8 @@ class AnomalyDetector:
         det.bank_mean, det.bank_proj = tensors.get("bank_mean"), tensors.get("bank_proj")
         det.stats = meta["stats"]
         det.pos_stats = tensors.get("pos_stats")
+        det.coarse_memory, det.coarse_mean = tensors.get("coarse_memory"), tensors.get("coarse_mean")
+        det.coarse_proj, det.coarse_stats = tensors.get("coarse_proj"), tensors.get("coarse_stats")
         det.calibrator = Calibrator.from_dict(meta["calibrator"]) if meta.get("calibrator") else None
         det.info = meta.get("info", {})
         if meta.get("fewshot"):

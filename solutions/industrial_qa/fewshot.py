@@ -28,22 +28,27 @@ if TYPE_CHECKING:
     from solutions.industrial_qa.detector import AnomalyDetector
 
 
-def _patch_inputs(det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """``(B, D, h, w)`` + two ``(B, h, w)`` maps -> patch rows ``(B*h*w, D + 2)``."""
+def _patch_inputs(det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor, seg: torch.Tensor,
+                  coarse: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, D, h, w)`` + two ``(B, h, w)`` maps (+ the coarse map when the detector has one) ->
+    patch rows ``(B*h*w, D + 2 [+ 1])``."""
     kz, sz = det.standardise(knn, seg)
-    x = torch.cat([feats, kz[:, None], sz[:, None]], dim=1)
+    x = torch.cat([feats, kz[:, None], sz[:, None]] + ([coarse[:, None]] if coarse is not None else []), dim=1)
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _image_stats(det: AnomalyDetector, knn: torch.Tensor, seg: torch.Tensor, maps: torch.Tensor,
-                 patch: torch.Tensor | None) -> np.ndarray:
-    """Per-image descriptors ``(B, 6)`` from the maps (all monotone in 'more anomalous')."""
+                 patch: torch.Tensor | None, coarse: torch.Tensor | None = None) -> np.ndarray:
+    """Per-image descriptors ``(B, 6 [+ 1])`` from the maps (all monotone in 'more anomalous');
+    the coarse map's maximum is the seventh when the detector has the coarse branch."""
     kz, sz = det.standardise(knn, seg)
     flat = maps.flatten(1)
     k = max(1, flat.shape[1] // 100)
     cols = [flat.max(1).values, flat.topk(k, dim=1).values.mean(1), flat.mean(1),
             kz.flatten(1).max(1).values, sz.flatten(1).max(1).values,
             patch.flatten(1).max(1).values if patch is not None else flat.max(1).values]
+    if coarse is not None:
+        cols.append(coarse.flatten(1).max(1).values)
     return torch.stack(cols, 1).double().numpy()
 
 
@@ -55,7 +60,7 @@ class FewShotHead:
         self.patch_b: float = 0.0
         self.patch_mu: torch.Tensor | None = None  # (D + 2,) input standardisation
         self.patch_sd: torch.Tensor | None = None
-        self.img_w = np.zeros(6)
+        self.img_w = np.zeros(6)   # 7 with the detector's coarse branch
         self.img_b = 0.0
         self.img_mu = np.zeros(6)
         self.img_sd = np.ones(6)
@@ -88,8 +93,8 @@ class FewShotHead:
             h, w = d_out.knn.shape[-2:]
             frac = F.adaptive_avg_pool2d(torch.from_numpy(masks.astype(np.float32))[:, None], (h, w))
             frac = frac.reshape(-1).numpy()
-            xd = _patch_inputs(det, d_out.feats, d_out.knn, d_out.seg).numpy()
-            xn = _patch_inputs(det, n_out.feats, n_out.knn, n_out.seg).numpy()
+            xd = _patch_inputs(det, d_out.feats, d_out.knn, d_out.seg, d_out.coarse).numpy()
+            xn = _patch_inputs(det, n_out.feats, n_out.knn, n_out.seg, n_out.coarse).numpy()
             pos = xd[frac >= 0.3]
             neg_d = xd[frac == 0.0]
             neg_n = xn[rng.choice(len(xn), min(len(xn), 20 * max(len(pos), 50)), replace=False)]
@@ -107,14 +112,16 @@ class FewShotHead:
         # --- image head ---
         det.fewshot = head
         try:
-            d_maps = det.upsample(head.patch_map(det, d_out.feats, d_out.knn, d_out.seg), shots.shape[-1])
-            n_maps = det.upsample(head.patch_map(det, n_out.feats, n_out.knn, n_out.seg), normals.shape[-1])
+            d_maps = det.upsample(head.patch_map(det, d_out.feats, d_out.knn, d_out.seg, d_out.coarse),
+                                  shots.shape[-1])
+            n_maps = det.upsample(head.patch_map(det, n_out.feats, n_out.knn, n_out.seg, n_out.coarse),
+                                  normals.shape[-1])
         finally:
             det.fewshot = saved
-        pd_ = head._patch_logits(det, d_out.feats, d_out.knn, d_out.seg)
-        pn_ = head._patch_logits(det, n_out.feats, n_out.knn, n_out.seg)
-        xi = np.concatenate([_image_stats(det, d_out.knn, d_out.seg, d_maps, pd_),
-                             _image_stats(det, n_out.knn, n_out.seg, n_maps, pn_)])
+        pd_ = head._patch_logits(det, d_out.feats, d_out.knn, d_out.seg, d_out.coarse)
+        pn_ = head._patch_logits(det, n_out.feats, n_out.knn, n_out.seg, n_out.coarse)
+        xi = np.concatenate([_image_stats(det, d_out.knn, d_out.seg, d_maps, pd_, d_out.coarse),
+                             _image_stats(det, n_out.knn, n_out.seg, n_maps, pn_, n_out.coarse)])
         yi = np.concatenate([np.ones(len(shots)), np.zeros(len(normals))])
         head.img_mu, head.img_sd = xi.mean(0), xi.std(0) + 1e-6
         xs = (xi - head.img_mu) / head.img_sd
@@ -146,22 +153,23 @@ class FewShotHead:
 
     # --- inference -------------------------------------------------------------------------------
     def _patch_logits(self, det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor,
-                      seg: torch.Tensor) -> torch.Tensor | None:
+                      seg: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.patch_w is None:
             return None
         b, _, h, w = feats.shape
-        x = (_patch_inputs(det, feats, knn, seg) - self.patch_mu) / self.patch_sd
+        x = (_patch_inputs(det, feats, knn, seg, coarse) - self.patch_mu) / self.patch_sd
         return (x @ self.patch_w + self.patch_b).view(b, h, w)
 
     def patch_map(self, det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor,
-                  seg: torch.Tensor) -> torch.Tensor:
+                  seg: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
         """Stride-8 map ``(B, h, w)``: the supervised patch logit, or the unsupervised fusion."""
-        p = self._patch_logits(det, feats, knn, seg)
-        return p if p is not None else det.fuse(knn, seg)
+        p = self._patch_logits(det, feats, knn, seg, coarse)
+        return p if p is not None else det.fuse(knn, seg, coarse)
 
     def image_score(self, det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor, seg: torch.Tensor,
-                    maps: torch.Tensor) -> torch.Tensor:
-        x = (_image_stats(det, knn, seg, maps, self._patch_logits(det, feats, knn, seg)) - self.img_mu) / self.img_sd
+                    maps: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
+        stats = _image_stats(det, knn, seg, maps, self._patch_logits(det, feats, knn, seg, coarse), coarse)
+        x = (stats - self.img_mu) / self.img_sd
         return torch.from_numpy((x @ self.img_w + self.img_b).astype(np.float32))
 
     @staticmethod

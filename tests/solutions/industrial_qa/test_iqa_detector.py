@@ -14,7 +14,7 @@ from PIL import Image
 from core.errors import DataError, ModelNotReady
 from solutions.industrial_qa import metrics
 from solutions.industrial_qa.calibration import Calibrator, false_alarm_rate, threshold_for_false_alarm_rate
-from solutions.industrial_qa.data import few_shot_split, load_mvtec, read_image
+from solutions.industrial_qa.data import few_shot_split, load_mvtec, read_image, to_tensor_array
 from solutions.industrial_qa.detector import AnomalyDetector
 
 
@@ -240,3 +240,43 @@ def test_matrix_upsample_equals_interpolate_then_blur(sigma: float) -> None:
     assert out.shape == (3, 64, 64)
     assert torch.allclose(out, ref[:, 0], atol=1e-5)
     assert int(out.flatten(1).argmax(1)[0]) == int(ref[:, 0].flatten(1).argmax(1)[0])
+
+
+def test_coarse_branch_flags_a_large_texture_change_that_each_patch_alone_does_not() -> None:
+    """Region (mean, std) descriptors see a quarter of the part whose features vary 3x more, though
+    every single patch there is a plausible normal value; the map peaks in that quarter."""
+    from solutions.industrial_qa.detector import DetectorConfig
+
+    g = torch.Generator().manual_seed(0)
+    det = AnomalyDetector(DetectorConfig(coarse_grid=4, coarse_bank=128, bank_dim=8))
+    normal = torch.randn(40, 16, 16, 16, generator=g)                # (n, D, h, w) patch features
+    det._fit_coarse_bank(det._regions(normal[:30]).permute(0, 2, 3, 1).reshape(-1, 32))
+    assert det.coarse_memory is not None and det.coarse_memory.shape == (128, 8)
+    hold = det._coarse_raw(normal[30:])                              # (10, 4, 4)
+    _, mu, sd = det._loo_z(hold, 0.25 * float(hold.std(0).mean()))
+    det.coarse_stats = torch.stack([mu, sd])
+    part = torch.randn(1, 16, 16, 16, generator=g)
+    part[:, :, 8:, 8:] = (part[:, :, 8:, 8:] * 3).clamp(-3, 3)       # no value outside the normal range
+    cmap = det.coarse_map(part)
+    assert cmap.shape == (1, 16, 16)
+    assert float(cmap[0, 8:, 8:].mean()) > float(cmap[0, :8, :8].mean()) + 2.0
+    assert int(cmap[0].flatten().argmax()) // 16 >= 8
+    ok = det.coarse_map(torch.randn(1, 16, 16, 16, generator=g))
+    assert float(ok.max()) < float(cmap.max())
+
+
+def test_coarse_branch_is_saved_and_used_in_scores(tiny_detector, iqa_src: Path, tmp_path: Path) -> None:
+    det = tiny_detector
+    assert det.coarse_memory is not None and det.coarse_stats is not None
+    x = np.stack([to_tensor_array(read_image(p), 64) for p in sorted((iqa_src / "test" / "uneven").iterdir())[:2]])
+    out = det.score_arrays(x)
+    assert out.coarse is not None and out.coarse.shape == out.knn.shape
+    weight = det.config.coarse_weight
+    try:
+        det.config.coarse_weight = 0.0
+        without = det.score_arrays(x)
+    finally:
+        det.config.coarse_weight = weight
+    assert not np.allclose(out.maps, without.maps)
+    again = AnomalyDetector.load(det.save(tmp_path / "m")).score_arrays(x)
+    assert np.allclose(again.maps, out.maps, atol=1e-4)
