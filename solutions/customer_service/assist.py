@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from solutions.customer_service.dst import DialogueStateTracker, encode_pairs, intent_features
+from solutions.customer_service.dst import RECALL_TURNS, DialogueStateTracker, encode_pairs, intent_features
 from solutions.customer_service.encoder import MiniLMEncoder
 from solutions.customer_service.focus import FocusGraph
 from solutions.customer_service.reply import (
@@ -64,9 +64,12 @@ class AgentAssist:
         self.schemas = schemas
         self.bank = tracker.bank(schemas)
         self.actions = actions
-        self.encoder: MiniLMEncoder = tracker.encoder
+        # KB retrieval and the next-action model read fp32 sentence embeddings (what they were built on);
+        # the tracker reads its own encoder variant (``tracker.encoder``, possibly int8).
+        self.encoder: MiniLMEncoder = tracker.encoder.variant(False)
         self.kb = KnowledgeBase(kb_entries, self.encoder)
         self.chain = build_reply_chain(self.kb, chat_model)
+        self._pair_cache: dict[tuple[str, str], Any] = {}
 
     @torch.inference_mode()
     def detect_service(self, u: torch.Tensor, s: torch.Tensor) -> str:
@@ -80,6 +83,26 @@ class AgentAssist:
         n = len(names)
         lg = self.tracker.heads.intent(intent_features(u.expand(n, -1), s.expand(n, -1), d, torch.zeros(n)))
         return names[int(lg.squeeze(-1).argmax())]
+
+    def _earlier_pairs(self, history: list[tuple[str, str]]) -> list[tuple[Any, str]]:
+        """(features, agent text) of the last RECALL_TURNS earlier (customer, preceding agent) pairs, for
+        the tracker's ``recall`` of values offered a few turns back. Pairs encoded for earlier turns are
+        kept in a small in-process cache, so a live conversation encodes each pair once."""
+        pairs, agent = [], ""
+        for role, text in history:
+            if role == "agent":
+                agent = text[-TRACK_CHARS:]
+            else:
+                pairs.append((strip_injection(text[-TRACK_CHARS:])[0] or " ", agent))
+        pairs = pairs[-RECALL_TURNS:]
+        todo = [p for p in pairs if p not in self._pair_cache]
+        if todo:
+            for p, f in zip(todo, encode_pairs(self.tracker.encoder, [u for u, _ in todo], [a for _, a in todo]),
+                            strict=True):
+                self._pair_cache[p] = f
+            while len(self._pair_cache) > 512:
+                self._pair_cache.pop(next(iter(self._pair_cache)))
+        return [(self._pair_cache[p], p[1]) for p in pairs]
 
     def next_action(self, user: str, prev_agent: str) -> str:
         if not self.actions:
@@ -97,13 +120,14 @@ class AgentAssist:
         raw_user = history[-1][1][-TRACK_CHARS:]
         user, flagged = strip_injection(raw_user)
         system = next((t for r, t in reversed(history[:-1]) if r == "agent"), "")[-TRACK_CHARS:]
-        feats = encode_pairs(self.encoder, [user or " "], [system])[0]
+        feats = encode_pairs(self.tracker.encoder, [user or " "], [system])[0]
         svcs = [s for s in (services or []) if s in self.schemas]
         if not svcs:
             known = [s for s in prev_state if s in self.schemas]
             detected = self.detect_service(torch.from_numpy(feats.u).float(), torch.from_numpy(feats.s).float())
             svcs = sorted(set(known) | {detected})
-        state = self.tracker.step(prev_state, feats, user, system, svcs, self.bank) if user else dict(prev_state)
+        past = self._earlier_pairs(history[:-1])
+        state = self.tracker.step(prev_state, feats, user, system, svcs, self.bank, past) if user else dict(prev_state)
         focus = FocusGraph.from_dict(prev_focus)
         turn_no = sum(1 for r, _ in history if r == "customer")
         focus.update(state, self.schemas, turn_no, user, active_services=svcs)

@@ -35,12 +35,16 @@ def train(
     max_dialogues: Annotated[int, typer.Option(help="SGD/STAR train dialogues (seeded sample; 0 = default).")] = 0,
     epochs: Annotated[int, typer.Option(help="Tracker head epochs (0 = default).")] = 0,
     max_per_class: Annotated[int, typer.Option(help="Intents: cap training texts per intent (0 = all).")] = 0,
+    encoder: Annotated[str, typer.Option(help="DST: frozen encoder precision, int8 | fp32 (default: the product's choice).")] = "",
 ) -> None:
     """Train a model on the dataset's train split and store it under VERTICALS_HOME."""
+    from core.errors import DataError
     from solutions.customer_service.pipeline import train as run
 
+    if encoder not in ("", "int8", "fp32"):
+        raise DataError(f"--encoder takes int8 or fp32, not {encoder!r}")
     info = run(task, dataset, _root(data_root), max_dialogues=max_dialogues or None, epochs=epochs or None,
-               max_per_class=max_per_class or None)
+               max_per_class=max_per_class or None, encoder_int8={"": None, "int8": True, "fp32": False}[encoder])
     typer.echo(json.dumps({"task": task, "dataset": dataset, **info}))
 
 
@@ -69,6 +73,8 @@ def bench(
     data_root: DataRoot = None,
     dialogues: Annotated[int, typer.Option(help="SGD dev dialogues to replay.")] = 15,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    compare: Annotated[bool, typer.Option(help="Also time the batched path with the other encoder precision "
+                                                   "and with 64 pairs per encoder call (same heads, same turns).")] = False,
 ) -> None:
     """Tracker speed on real SGD dev turns: per-turn latency (p50/p95, one turn at a time, encoder
     included) and batched throughput (all turns encoded in batches), measured in one run."""
@@ -78,7 +84,7 @@ def bench(
     import numpy as np
 
     from solutions.customer_service import data as D
-    from solutions.customer_service.dst import DialogueStateTracker, encode_pairs, iter_user_turns
+    from solutions.customer_service.dst import PAIR_BATCH, DialogueStateTracker, encode_pairs, iter_user_turns
     from solutions.customer_service.encoder import MiniLMEncoder
     from solutions.customer_service.pipeline import is_trained, model_folder
     from solutions.customer_service.pipeline import train as run_train
@@ -88,6 +94,7 @@ def bench(
     if not is_trained("dst", "sgd"):
         run_train("dst", "sgd", root)
     tracker = DialogueStateTracker.load(model_folder("dst", "sgd"), enc)
+    enc = tracker.encoder  # the precision the heads were trained on (fp32 or int8)
     dev = D.load_sgd(root, "dev")
     sample = random.Random(7).sample(dev.dialogues, dialogues)
     bank = tracker.bank(dev.schemas)
@@ -98,19 +105,38 @@ def bench(
     bank.ensure(sorted({s for d in sample for s in d.get("services", []) if s in dev.schemas}))
     lat = []
     states: dict[int, dict] = {}
+    history: dict[int, list] = {}
     for di, ti, user, system in pairs:
         t = time.perf_counter()
         f = encode_pairs(enc, [user], [system])[0]
         services = [fr["service"] for fr in sample[di]["turns"][ti]["frames"]]
-        states[di] = tracker.step(states.get(di, {}), f, user, system, services, bank)
+        past = history.setdefault(di, [])
+        states[di] = tracker.step(states.get(di, {}), f, user, system, services, bank, past)
+        past.append((f, system))
         lat.append((time.perf_counter() - t) * 1000)
-    t = time.perf_counter()
-    tracker.track_sgd(sample, dev.schemas, desc="batched")
-    batched = len(pairs) / (time.perf_counter() - t)
-    res = {"turns": len(pairs), "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
-           "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
-           "turns_per_s_single": round(1000 * len(lat) / sum(lat), 1), "turns_per_s_batched": round(batched, 1),
-           "batched_over_single": round(batched / (1000 * len(lat) / sum(lat)), 2)}
+
+    def batched_rate(tr: DialogueStateTracker, batch_size: int = PAIR_BATCH) -> float:
+        t = time.perf_counter()
+        tr.track_sgd(sample, dev.schemas, desc="batched", batch_size=batch_size)
+        return len(pairs) / (time.perf_counter() - t)
+
+    batched = batched_rate(tracker)
+    res: dict = {"turns": len(pairs), "encoder": "int8" if enc.quantized else "fp32",
+                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+                 "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
+                 "turns_per_s_single": round(1000 * len(lat) / sum(lat), 1), "turns_per_s_batched": round(batched, 1),
+                 "batched_over_single": round(batched / (1000 * len(lat) / sum(lat)), 2)}
+    if compare:
+        # Speed only: the same heads on the other precision's features (their accuracy is not meant).
+        other = DialogueStateTracker(tracker.heads, tracker.cfg, enc)
+        other.encoder = enc.variant(not enc.quantized)
+        encode_pairs(other.encoder, ["warm up"], [""])
+        other.bank(dev.schemas).ensure(sorted({s for d in sample for s in d.get("services", []) if s in dev.schemas}))
+        rates = {"this": batched_rate(tracker), f"encoder_{'fp32' if enc.quantized else 'int8'}": batched_rate(other),
+                 "64_pairs_per_call": batched_rate(tracker, 64)}
+        rates["this"] = round((rates["this"] + batched) / 2, 1)  # two runs of this path, interleaved
+        res["compare_turns_per_s_batched"] = {k: round(v, 1) for k, v in rates.items()}
+        res["compare_ratio_this_over"] = {k: round(rates["this"] / v, 2) for k, v in rates.items() if k != "this"}
     if not as_json:
         typer.echo(str(res), err=True)
     typer.echo(json.dumps(res))
