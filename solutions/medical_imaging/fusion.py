@@ -74,7 +74,7 @@ def _texture(a: np.ndarray) -> np.ndarray:
              np.median(r[fg]) if fg.any() else 0.0]
     jh = np.histogram2d(a[fg], np.clip(r[fg], 0, 0.2), bins=(8, 4), range=((0, 1), (0, 0.2)))[0].ravel()
     jh /= max(jh.sum(), 1)
-    thumb = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((12, 12), Image.BILINEAR), np.float32)
+    thumb = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((12, 12), Image.Resampling.BILINEAR), np.float32)
     return np.concatenate([gh, noise, jh, thumb.ravel() / 255])
 
 

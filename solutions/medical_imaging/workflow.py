@@ -81,7 +81,7 @@ def _sc_instances(name: str, frames: np.ndarray, spacing: tuple[float, float], d
     study_uid, series_uid = d.remap_uid("study:" + digest), d.remap_uid("series:" + digest)
     lo, hi = float(frames.min()), float(frames.max())
     scaled = ((frames - lo) / max(hi - lo, 1e-6) * 4095).astype(np.uint16)
-    out = []
+    out: list[Dataset] = []
     for i, frame in enumerate(scaled):
         ds = hd.sc.SCImage(
             pixel_array=frame, photometric_interpretation="MONOCHROME2", bits_allocated=16,
@@ -200,7 +200,7 @@ def _scan_deid_store(path: str | Path, d: Deidentifier, root: Path, workers: int
                     out.volumes.append(name)
                 elif kind == "key_image":
                     out.key_images.append(name)
-                else:
+                elif not isinstance(src, dicom_io.FileError):
                     jobs.append((name, src, d.key, d.keep_map, str(root)))
             if pool is None and workers > 1 and len(jobs) >= PARALLEL_MIN_FILES:
                 import multiprocessing
@@ -210,7 +210,8 @@ def _scan_deid_store(path: str | Path, d: Deidentifier, root: Path, workers: int
                 results = (list(pool.map(_prepare_dicom, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
                            if pool is not None else [_prepare_dicom(j, d) for j in jobs])
             except BrokenProcessPool:  # a worker died (e.g. out of memory): finish this batch in-process
-                pool.shutdown(wait=False, cancel_futures=True)
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
                 pool, workers = None, 1
                 results = [_prepare_dicom(j, d) for j in jobs]
             for res, pseudonyms in results:

@@ -26,7 +26,7 @@ def test_evaluate_trains_then_beats_both_baselines(tmp_path: Path, shared_data: 
             assert res[k] > res["baselines"][base][k], (k, base, res)
     # Regression floors at the measured level (0.878 / 0.782 on 2026-11-23); the targets
     # (0.98 / 0.85) are NOT reached yet, see solutions/medical_imaging/README.md.
-    assert res["modality_accuracy"] >= 0.85
+    assert res["modality_accuracy"] >= 0.90  # 0.939 with fusion (0.893 CNN alone, `cnn_only`)
     assert res["region_accuracy"] >= 0.75
     assert res["retrieval_recall_at_5"] > res["retrieval_chance_at_5"]
 
