@@ -13,10 +13,16 @@ SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "custo
 def test_bench_reports_latency_and_throughput(tiny_home: Path) -> None:
     from solutions.customer_service.cli import app
 
-    r = CliRunner().invoke(app, ["bench", "--data-root", str(SHARED), "--dialogues", "1", "--json"])
+    r = CliRunner().invoke(app, ["bench", "--data-root", str(SHARED), "--dialogues", "1", "--json", "--compare"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["turns"] >= 1
     assert 0 < res["latency_ms_p50"] <= res["latency_ms_p95"]
     assert res["turns_per_s_single"] > 0 and res["turns_per_s_batched"] > 0
     assert res["batched_over_single"] > 0
+    # --compare: the same heads timed with the other encoder precision and with 64 pairs per call
+    assert res["encoder"] in ("fp32", "int8")
+    other = "encoder_int8" if res["encoder"] == "fp32" else "encoder_fp32"
+    rates = res["compare_turns_per_s_batched"]
+    assert set(rates) == {"this", other, "64_pairs_per_call"} and all(v > 0 for v in rates.values())
+    assert set(res["compare_ratio_this_over"]) == {other, "64_pairs_per_call"}
