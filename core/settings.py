@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     # templates only) or "package.module:ClassName" (any LangChain chat model).
     cs_chat_model: str = "verticals"
     medical_imaging_threads: int = 1  # torch intra-op threads for reporter training/evaluation
+    medical_imaging_ingest_workers: int = Field(1, ge=1)  # processes for parse + de-id + write during ingest
     medical_imaging_pseudonym_map: Path | None = None  # keep original->pseudonym map here (0600); unset: none kept
 
     @field_validator("home", "data_root", mode="after")

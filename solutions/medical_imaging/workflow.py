@@ -126,17 +126,10 @@ def ingest_workers() -> int:
     Inside a daemonic process (a pool child that may not fork) ingest always stays in-process.
     """
     import multiprocessing
-    import os
 
     if multiprocessing.current_process().daemon:
         return 1
-    env = os.environ.get("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS", "").strip()
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise DataError(f"VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS={env!r}: expected a whole number") from None
-    return 1
+    return get_settings().medical_imaging_ingest_workers
 
 
 PARALLEL_MIN_FILES = 16  # below this, starting worker processes costs more than it saves

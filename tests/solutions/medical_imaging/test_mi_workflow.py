@@ -168,10 +168,18 @@ def test_parallel_ingest_matches_in_process_ingest(tmp_home: Path, tmp_path: Pat
 
 
 def test_ingest_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import reset_settings
+
     monkeypatch.setenv("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS", "3")
+    reset_settings()
     assert workflow.ingest_workers() == 3
-    monkeypatch.setenv("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS", "many")
-    with pytest.raises(Exception, match="whole number"):
-        workflow.ingest_workers()
+    from core.errors import ConfigError
+
+    for bad in ("many", "0"):  # one readable line naming the variable, not a traceback
+        monkeypatch.setenv("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS", bad)
+        reset_settings()
+        with pytest.raises(ConfigError, match="VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS"):
+            workflow.ingest_workers()
     monkeypatch.delenv("VERTICALS_MEDICAL_IMAGING_INGEST_WORKERS")
+    reset_settings()
     assert workflow.ingest_workers() == 1
