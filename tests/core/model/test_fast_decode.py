@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.model import deepseek
-from core.model.deepseek import DeepseekV3, ModelArgs, linear
+from core.model.deepseek import DeepseekV3, LatentCache, ModelArgs, linear
 from core.model.generate import SamplingParams, generate
 from core.quant import kernels
 
