@@ -738,6 +738,14 @@ def _fast_types_ok(layer: nn.Module) -> bool:
             and (layer.self_attn.q_lora_rank is None or type(layer.self_attn.q_a_layernorm) is RMSNorm))
 
 
+def _computes_fp32(m: nn.Module) -> bool:
+    """Does ``m`` (a projection: plain, quantized or torch-dynamic Linear) compute in fp32? Reads the
+    registered parameter only: a quantized module's ``weight`` is a dequantizing property (a full
+    dequantization per call) or a method (torch's dynamic int8 Linear)."""
+    w = m._parameters.get("weight")
+    return w is None or w.dtype == torch.float32
+
+
 def _hooks_free(model: nn.Module) -> bool:
     """No forward hooks on any module of ``model`` (nor global ones). A hook-free result is trusted
     until a hook is registered anywhere (torch's hook handle counter moves); a hooked one is rescanned
@@ -829,7 +837,7 @@ class DeepseekV3(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, *, mtp: bool = False) -> LatentCache:
         n = len(self.mtp) if mtp else self.args.num_hidden_layers
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # a plain parameter whatever the projections' format
         return LatentCache(n, batch, max_len, self.args.kv_lora_rank + self.args.qk_rope_head_dim,
                            dtype=p.dtype, device=p.device)
 
@@ -844,7 +852,7 @@ class DeepseekV3(nn.Module):
         """Can this cached step take the decode fast path (see ``_layer_step``)?"""
         return (FAST_MATVEC and cache is not None and not cache.padded and rows <= (_matvec_rows or 4)
                 and not self.training and not torch.is_grad_enabled() and dtype == torch.float32
-                and self.lm_head.weight.dtype == torch.float32 and _hooks_free(self))
+                and _computes_fp32(self.lm_head) and _hooks_free(self))
 
     def _fast_begin(self, cache: LatentCache, T: int, device: torch.device, dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
