@@ -32,7 +32,6 @@ from solutions.customer_service.dst import (
 )
 from solutions.customer_service.encoder import MiniLMEncoder
 
-
 # Status batches = whole turns (token keys once per turn) or independent (turn, slot) examples.
 GROUP_STATUS_BY_TURN = True
 
@@ -252,10 +251,11 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         return h, nn.utils.rnn.pad_sequence(sg, batch_first=True), mask
 
     # Status examples grouped by turn: a batch is a set of turns with all their (turn, slot) examples, so
-    # the token keys of a turn are computed once, not once per slot of its services (~10x less work).
+    # the token keys of a turn are computed once, not once per slot of its services (whole training run
+    # on 2,000 dialogues: 120 vs 163 CPU-s, and a better tracker on held-out train dialogues).
     by_turn: dict[int, list[int]] = {}
-    for i, e in enumerate(ex.status):
-        by_turn.setdefault(e[0], []).append(i)
+    for i, se in enumerate(ex.status):
+        by_turn.setdefault(se[0], []).append(i)
     st_turns = sorted(by_turn)
     st_groups = [torch.tensor(by_turn[k_]) for k_ in st_turns]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +113,11 @@ class MiniLMEncoder:
         if missing:
             # Sort by length so batches pad little; progress bar on stderr for long work.
             missing.sort(key=len)
-            starts = range(0, len(missing), self.batch_size)
+            starts: Iterable[int] = range(0, len(missing), self.batch_size)
             if show_progress or len(missing) > 2000:
                 from core.jobs import progress
 
-                starts = progress(starts, desc=desc or "encoding", total=len(starts))
+                starts = progress(starts, desc=desc or "encoding", total=-(-len(missing) // self.batch_size))
             new: dict[str, np.ndarray] = {}
             for i in starts:
                 chunk = missing[i:i + self.batch_size]
