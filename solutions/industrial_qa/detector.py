@@ -262,12 +262,13 @@ class AnomalyDetector:
 
     def _coarse_raw(self, feats: torch.Tensor) -> torch.Tensor | None:
         """kNN distance of each region to the normal regions ``(B, g, g)`` (None when the branch is off)."""
-        if self.coarse_memory is None or feats.shape[1] != self.coarse_mean.shape[0] // 2:
+        mem, mean, proj = self.coarse_memory, self.coarse_mean, self.coarse_proj
+        if mem is None or mean is None or proj is None or feats.shape[1] != mean.shape[0] // 2:
             return None
         r = self._regions(feats)
         b, d, g, _ = r.shape
-        q = (r.permute(0, 2, 3, 1).reshape(-1, d) - self.coarse_mean) @ self.coarse_proj
-        return torch.cdist(q, self.coarse_memory).min(1).values.view(b, g, g)
+        q = (r.permute(0, 2, 3, 1).reshape(-1, d) - mean) @ proj
+        return torch.cdist(q, mem).min(1).values.view(b, g, g)
 
     def coarse_map(self, feats: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor | None:
         """Standardised, part-median-subtracted coarse map upsampled to the stride-8 grid ``(B, h, w)``."""
@@ -404,7 +405,7 @@ class AnomalyDetector:
         """Score a batch ``(B, 3, S, S)`` float32 in [0, 1] at model resolution."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise DataError(f"expected images (B, 3, S, S), got shape {tuple(x.shape)}")
-        outs = []
+        outs, coarse_parts = [], []
         for i in range(0, len(x), self.config.batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[i:i + self.config.batch_size]))
             feats, knn, seg = self._raw(xb)
@@ -417,9 +418,11 @@ class AnomalyDetector:
             scores = maps.flatten(1).max(1).values
             if self.fewshot is not None:
                 scores = self.fewshot.image_score(self, feats, knn, seg, maps, cz)
-            outs.append((maps, scores, feats, knn, seg, cz))
+            outs.append((maps, scores, feats, knn, seg))
+            if cz is not None:
+                coarse_parts.append(cz)
         cat = [torch.cat([o[j] for o in outs]) for j in range(5)]
-        coarse = torch.cat([o[5] for o in outs]) if outs and outs[0][5] is not None else None
+        coarse = torch.cat(coarse_parts) if coarse_parts and len(coarse_parts) == len(outs) else None
         return MapOutput(cat[0].numpy(), cat[1].numpy(), cat[2], cat[3], cat[4], coarse)
 
     def inspect_images(self, sources: Sequence[Path | bytes], threshold: float | None = None
@@ -463,9 +466,10 @@ class AnomalyDetector:
             tensors["bank_mean"], tensors["bank_proj"] = self.bank_mean.contiguous(), self.bank_proj.contiguous()
         if self.pos_stats is not None:
             tensors["pos_stats"] = self.pos_stats.contiguous()
-        if self.coarse_memory is not None:
-            tensors |= {"coarse_memory": self.coarse_memory.contiguous(), "coarse_mean": self.coarse_mean.contiguous(),
-                        "coarse_proj": self.coarse_proj.contiguous()}
+        cm, cmean, cproj = self.coarse_memory, self.coarse_mean, self.coarse_proj
+        if cm is not None and cmean is not None and cproj is not None:
+            tensors |= {"coarse_memory": cm.contiguous(), "coarse_mean": cmean.contiguous(),
+                        "coarse_proj": cproj.contiguous()}
             if self.coarse_stats is not None:
                 tensors["coarse_stats"] = self.coarse_stats.contiguous()
         meta = {"format": FORMAT_VERSION, "config": self.config.to_dict(), "stats": self.stats,
