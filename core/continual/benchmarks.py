@@ -72,6 +72,7 @@ class Benchmark:
     ewc_apply: str = "grad"  # ApplyMode of core.continual.ewc
     ewc_temperature: float = 1.0  # softmax temperature of the sampled ("true") Fisher
     ewc_normalize: str = "none"  # FisherNorm of core.continual.ewc: "none", "max" or "mean" per task
+    replay_ewc_lambda: float | None = None  # lambda of the ewc+replay combinations (None: ewc_lambda)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -161,6 +162,9 @@ def permuted_digits(n_tasks: int = 10, seed: int = 0) -> Benchmark:
         ewc_lambda=20000.0, online_decay=1.0, ewc_params=None,
         lora_targets=["fc1", "fc2", "fc3"], lora_rank=16, head_pattern=None,
         replay_capacity=200,
+        # With rehearsal the penalty needs less weight: on the same validation slice (10 tasks, seed 1)
+        # online EWC + replay with lambda 2e3 / 5e3 / 2e4 gave 0.891 / 0.907 / 0.899.
+        replay_ewc_lambda=5000.0,
         notes={"eval_set": "fixed stratified 20% of load_digits (seed 0), same images in every task",
                "model": "MLP 64-1000-1000-10, ReLU, dropout 0.5 (was 64-512-512-10 without dropout)",
                "permutations": f"task 0 identity, tasks 1..{n_tasks - 1} numpy default_rng({seed})"},

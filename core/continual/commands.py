@@ -30,7 +30,7 @@ def continual_eval(
     tasks: Annotated[int | None, typer.Option(min=2, help="Use only the first N tasks.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the benchmark's epochs per task.")] = None,
     per_class: Annotated[int | None, typer.Option(min=2, help="intents: examples per intent (default 40).")] = None,
-    ewc_lambda: Annotated[float | None, typer.Option(min=0.0, help="Override the benchmark's EWC lambda.")] = None,
+    ewc_lambda: Annotated[float | None, typer.Option(min=0.0, help="Override the benchmark's EWC lambda (also for the +replay combinations).")] = None,
     timing: Annotated[bool, typer.Option(help="Measure the EWC step-time ratio (EWC methods).")] = True,
     only_timing: Annotated[bool, typer.Option(help="Only measure the EWC vs plain step-time ratio.")] = False,
     data_root: Annotated[Path | None, typer.Option(help="Folder holding customer_service/ (intents) or industrial/magnetic_tile/ (defects).")] = None,
@@ -60,8 +60,9 @@ def continual_eval(
         bench.tasks = bench.tasks[:tasks]
     if epochs is not None:
         bench.epochs = epochs
-    if ewc_lambda is not None:
+    if ewc_lambda is not None:  # overrides the combinations' lambda too
         bench.ewc_lambda = ewc_lambda
+        bench.replay_ewc_lambda = None
     if only_timing:
         for m in methods:
             mode = "online" if m == "online-ewc" else "separate"

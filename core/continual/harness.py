@@ -23,6 +23,7 @@ under their own names, never as EWC alone).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import json
 import statistics
@@ -121,7 +122,9 @@ def _eval_row(bench: Benchmark, model: nn.Module, method: str, device: str) -> l
 
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
     if method.endswith("+replay"):  # a combination: the EWC penalty and rehearsal of a reservoir
-        return _hooks(bench, method.removesuffix("+replay"), seed) + _hooks(bench, "replay", seed)
+        lam = bench.ewc_lambda if bench.replay_ewc_lambda is None else bench.replay_ewc_lambda
+        return (_hooks(dataclasses.replace(bench, ewc_lambda=lam), method.removesuffix("+replay"), seed)
+                + _hooks(bench, "replay", seed))
     if method == "ewc":
         return [EWC(bench.ewc_lambda, mode="separate", fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]

@@ -226,6 +226,8 @@ def test_ewc_plus_replay_combination_uses_both_hooks(method: str) -> None:
     assert [type(h) for h in hooks] == [EWC, Replay]
     assert hooks[0].mode == ("online" if method.startswith("online") else "separate")
     assert hooks[1].buffer.capacity == b.replay_capacity
+    assert hooks[0].lam == b.replay_ewc_lambda != b.ewc_lambda  # the combination's own lambda
+    assert harness._hooks(b, method.removesuffix("+replay"), seed=0)[0].lam == b.ewc_lambda
     b.epochs, b.batch_size, b.fisher_samples = 3, 64, 64
     b.make_model = lambda: benchmarks.MLP(64, 64, 10)
     r, _ = harness.train_sequence(b, method)
