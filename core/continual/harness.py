@@ -120,6 +120,26 @@ def _eval_row(bench: Benchmark, model: nn.Module, method: str, device: str) -> l
     return row
 
 
+def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
+    """The hyper-parameters ``method`` runs with on ``bench`` (reported beside its figures)."""
+    out: dict[str, Any] = {"epochs": bench.epochs, "lr": bench.lr, "batch_size": bench.batch_size,
+                           "optimizer": bench.optimizer}
+    base = method.removesuffix("+replay")
+    if base in ("ewc", "online-ewc"):
+        lam = bench.ewc_lambda
+        if method.endswith("+replay") and bench.replay_ewc_lambda is not None:
+            lam = bench.replay_ewc_lambda
+        out.update(ewc_lambda=lam, ewc_fisher=bench.ewc_fisher, ewc_apply=bench.ewc_apply,
+                   ewc_params=bench.ewc_params)
+        if base == "online-ewc":
+            out["online_decay"] = bench.online_decay
+    if method == "replay" or method.endswith("+replay"):
+        out["replay_capacity"] = bench.replay_capacity
+    if method == "lora":
+        out.update(lora_rank=bench.lora_rank, lora_targets=bench.lora_targets)
+    return out
+
+
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
     if method.endswith("+replay"):  # a combination: the EWC penalty and rehearsal of a reservoir
         lam = bench.ewc_lambda if bench.replay_ewc_lambda is None else bench.replay_ewc_lambda
@@ -336,6 +356,7 @@ def run(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu", ou
         "scenario": bench.scenario,
         "metric": bench.metric,
         "seed": seed,
+        "settings": method_settings(bench, method),
     })
     if timing and method in ("ewc", "online-ewc"):
         result.update(step_time_ratio(bench, "online" if method == "online-ewc" else "separate", seed=seed,

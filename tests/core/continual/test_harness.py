@@ -228,6 +228,8 @@ def test_ewc_plus_replay_combination_uses_both_hooks(method: str) -> None:
     assert hooks[1].buffer.capacity == b.replay_capacity
     assert hooks[0].lam == b.replay_ewc_lambda != b.ewc_lambda  # the combination's own lambda
     assert harness._hooks(b, method.removesuffix("+replay"), seed=0)[0].lam == b.ewc_lambda
+    reported = harness.method_settings(b, method)  # what the JSON says it ran with
+    assert reported["ewc_lambda"] == hooks[0].lam and reported["replay_capacity"] == b.replay_capacity
     b.epochs, b.batch_size, b.fisher_samples = 3, 64, 64
     b.make_model = lambda: benchmarks.MLP(64, 64, 10)
     r, _ = harness.train_sequence(b, method)
