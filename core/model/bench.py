@@ -93,22 +93,26 @@ def bench_decode(prompt_len: int = 512, new_tokens: int = 64, repeats: int = 2, 
 
 @torch.inference_mode()
 def bench_speculative(model: DeepseekV3, prompts: list[list[int]], new_tokens: int = 64, repeats: int = 2,
-                      eos_token_id: int | None = None) -> dict[str, Any]:
-    """MTP self-speculative vs plain greedy on a trained model: speed ratio and identical output."""
+                      eos_token_id: int | None = None, num_draft: int = 3) -> dict[str, Any]:
+    """MTP self-speculative (``num_draft`` chained drafts per verify) vs plain greedy on a trained model:
+    speed ratio and identical output."""
     plain = [generate(model, [p], SamplingParams(max_new_tokens=new_tokens, eos_token_id=eos_token_id))[0]
              for p in prompts]
     stats = SpeculativeStats()
-    spec = [speculative_generate(model, p, new_tokens, eos_token_id, stats) for p in prompts]
+    spec = [speculative_generate(model, p, new_tokens, eos_token_id, stats, num_draft) for p in prompts]
     t_plain, t_spec = [], []
     for _ in range(repeats):
         t_plain.append(_timed2(lambda: [generate(model, [p], SamplingParams(max_new_tokens=new_tokens,
                                                                             eos_token_id=eos_token_id))
                                         for p in prompts]))
-        t_spec.append(_timed2(lambda: [speculative_generate(model, p, new_tokens, eos_token_id) for p in prompts]))
+        t_spec.append(_timed2(lambda: [speculative_generate(model, p, new_tokens, eos_token_id, num_draft=num_draft)
+                                       for p in prompts]))
     n = sum(len(x) for x in plain)
     wp, ws = min(t[0] for t in t_plain), min(t[0] for t in t_spec)
     cp, cs = min(t[1] for t in t_plain), min(t[1] for t in t_spec)
     return {"prompts": len(prompts), "tokens": n, "identical_output": plain == spec,
-            "acceptance": round(stats.acceptance, 3), "greedy_tokens_per_s": round(n / wp, 2),
+            "num_draft": num_draft, "acceptance": round(stats.acceptance, 3),
+            "acceptance_all_drafts": round(stats.acceptance_all, 3),
+            "tokens_per_main_forward": round(n / stats.main_forwards, 2), "greedy_tokens_per_s": round(n / wp, 2),
             "speculative_tokens_per_s": round(n / ws, 2), "speedup": round(wp / ws, 2),
             "speedup_cpu_time": round(cp / cs, 2)}

@@ -115,6 +115,32 @@ def test_mtp_speculative_equals_greedy() -> None:
     assert speculative_generate(rnd, [1, 2, 3], 25) == generate(rnd, [[1, 2, 3]], SamplingParams(max_new_tokens=25))[0]
 
 
+@pytest.mark.parametrize("num_draft", [1, 2, 3, 5])
+def test_mtp_speculative_chained_drafts_equal_greedy(num_draft: int) -> None:
+    m = _periodic_model()
+    prompt = [3, 14, 15, 92]
+    for n_new in (1, 2, 7, 40):  # lengths that end inside a verified chain
+        greedy = generate(m, [prompt], SamplingParams(max_new_tokens=n_new))[0]
+        st = SpeculativeStats()
+        assert speculative_generate(m, prompt, n_new, stats=st, num_draft=num_draft) == greedy
+    # chains are cut to the tokens still wanted; on the periodic sequence chained drafts are accepted
+    assert st.first_accepted > 0 and st.first_drafted <= st.drafted <= num_draft * st.first_drafted
+    if num_draft > 1:
+        assert st.accepted > st.first_accepted and st.main_forwards < 40 // 2
+    # stops at eos inside an accepted chain, eos kept, as plain greedy does
+    eos = greedy[5]
+    ref = generate(m, [prompt], SamplingParams(max_new_tokens=40, eos_token_id=eos))[0]
+    assert speculative_generate(m, prompt, 40, eos_token_id=eos, num_draft=num_draft) == ref
+    rnd = tiny()
+    assert (speculative_generate(rnd, [1, 2, 3], 25, num_draft=num_draft)
+            == generate(rnd, [[1, 2, 3]], SamplingParams(max_new_tokens=25))[0])
+
+
+def test_mtp_speculative_rejects_bad_num_draft() -> None:
+    with pytest.raises(DataError):
+        speculative_generate(tiny(), [1, 2, 3], 5, num_draft=0)
+
+
 def test_bias_moves_toward_balance_and_only_steers_routing() -> None:
     torch.manual_seed(0)
     args = ModelArgs(**{**TINY, "n_routed_experts": 8, "n_group": 1, "topk_group": 1})
