@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -526,7 +527,23 @@ int w4q_mm(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t*
   }
   return 0;
 }
+/* The same calls with the weight-side arguments in one struct built once per layer (bind_decode): a
+   ctypes call costs ~0.15 us per argument, and a decoded token makes ~80 of them. */
+typedef struct { const void* w; const void* s; const void* mn; const float* bias; int N, K, G, pad; } qctx;
+int w8q_call(const float* x, float* y, int M, int nth, const qctx* c) {
+  return w8q_mm(x, (const int8_t*)c->w, (const float*)c->s, c->bias, y, M, c->N, c->K, c->G, nth);
+}
+int w4q_call(const float* x, float* y, int M, int nth, const qctx* c) {
+  return w4q_mm(x, (const uint8_t*)c->w, (const uint16_t*)c->s, (const uint16_t*)c->mn, c->bias, y, M, c->N, c->K, c->G, nth);
+}
 """
+
+class _QCtx(ctypes.Structure):
+    """The C ``qctx``: one quantized Linear's weight-side kernel arguments (see :func:`bind_decode`)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mn", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("N", ctypes.c_int), ("K", ctypes.c_int), ("G", ctypes.c_int), ("pad", ctypes.c_int)]
+
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -589,6 +606,9 @@ def _build(march: str = "native") -> ctypes.CDLL:
     lib.w8q_mm.restype = Ci
     lib.w4q_mm.argtypes = [P, P, P, P, P, P, Ci, Ci, Ci, Ci, Ci]
     lib.w4q_mm.restype = Ci
+    for f in (lib.w8q_call, lib.w4q_call):
+        f.argtypes = [P, P, Ci, Ci, ctypes.POINTER(_QCtx)]
+        f.restype = Ci
     return lib
 
 
@@ -687,7 +707,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     if lib is not None:
         if not x.is_contiguous():
             x = x.contiguous()
-        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
+        y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)  # a Size + tuple shape costs ~2 us more
         B, nth = act_block(K), kernel_threads()
         if not (_act_quant and B and lib.w8q_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), _ptr(bias),
                                                y.data_ptr(), M, N, K, B, nth) == 0):
@@ -736,7 +756,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minv
     if lib is not None and scale.dtype == torch.float16 and minv.dtype == torch.float16:
         if not x.is_contiguous():
             x = x.contiguous()
-        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
+        y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)  # a Size + tuple shape costs ~2 us more
         nth = kernel_threads()
         if not (_act_quant and group_size % 32 == 0 and lib.w4q_mm(
                 x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minv.data_ptr(), _ptr(bias), y.data_ptr(),
@@ -748,6 +768,73 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minv
     w = dequantize_int4(packed, scale, minv, group_size).to(x.dtype)
     return F.linear(x, w, bias)
 
+
+
+def bind_decode(bits: int, q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor | None, group_size: int,
+                bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """The integer-dot kernel call of one quantized Linear with its weight-side arguments (pointers,
+    shapes, kernel function) worked out once: ``run(x)`` returns y, or None when this call is not one
+    for the kernel (more rows than the threshold, autograd, not fp32 / CPU, backend forced to dequant,
+    activation quantization off); the caller then takes :func:`int8_linear` / :func:`int4_linear`,
+    which give the same result. Returns None when the layer can never take the kernel (no library,
+    weights not contiguous fp32 / fp16 CPU tensors, width the kernel does not take).
+
+    Why: a decoded token makes ~80 such calls and at decode shapes the Python around the kernel
+    (checks, pointer conversions, output allocation) costs as much as a small kernel itself. The
+    pointers stay valid only while the caller holds these same tensors unchanged in place (the
+    caller keys its cache on them)."""
+    lib = c_library()
+    ts = [t for t in (q, scale, minv, bias) if t is not None]
+    if (lib is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in ts)
+            or (bias is not None and bias.dtype != torch.float32)):
+        return None
+    N = q.shape[0]
+    pb = _ptr(bias)
+    f32 = torch.float32
+    if bits == 8:
+        K = q.shape[1]
+        B = act_block(K)
+        if not B or q.dtype != torch.int8 or scale.dtype != f32:
+            return None
+        fn8, ctx8 = lib.w8q_call, ctypes.pointer(_QCtx(q.data_ptr(), scale.data_ptr(), None, pb, N, K, B, 0))
+
+        def run8(x: torch.Tensor) -> torch.Tensor | None:
+            if (x.dtype != f32 or x.shape[-1] != K or not _act_quant or _backend_override == "dequant"
+                    or x.requires_grad or not x.is_cpu):
+                return None
+            M = x.numel() // K
+            if M > _row_threshold or M == 0:
+                return None
+            if not x.is_contiguous():
+                x = x.contiguous()
+            y = torch.empty(*x.shape[:-1], N, dtype=f32)
+            if fn8(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), ctx8) != 0:
+                return None
+            return y
+
+        return run8
+    if minv is None or q.dtype != torch.uint8 or scale.dtype != torch.float16 or minv.dtype != torch.float16:
+        return None
+    K, G = q.shape[1] * 2, group_size
+    if G % 32 or K % G:
+        return None
+    fn4, ctx4 = lib.w4q_call, ctypes.pointer(_QCtx(q.data_ptr(), scale.data_ptr(), minv.data_ptr(), pb, N, K, G, 0))
+
+    def run4(x: torch.Tensor) -> torch.Tensor | None:
+        if (x.dtype != f32 or x.shape[-1] != K or not _act_quant or _backend_override == "dequant"
+                or x.requires_grad or not x.is_cpu):
+            return None
+        M = x.numel() // K
+        if M > _row_threshold or M == 0:
+            return None
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], N, dtype=f32)
+        if fn4(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), ctx4) != 0:
+            return None
+        return y
+
+    return run4
 
 # ---------------------------------------------------------------------------------------------------
 # Measurement: which path is fastest for a decode-shaped matmul on this machine

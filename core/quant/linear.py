@@ -28,7 +28,7 @@ from core.quant.formats import (
     quantize_int8,
     stored_bytes,
 )
-from core.quant.kernels import int4_linear, int8_linear
+from core.quant.kernels import bind_decode, int4_linear, int8_linear
 
 # Linears left in floating point unless asked: MLA's kv_b_proj is read as a matrix (absorb mode)
 # at every decode step, and it is small (kv_lora_rank x heads*(d_nope+d_v)).
@@ -119,8 +119,17 @@ class QuantLinear(nn.Module):
         return self.dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._buffers  # direct dict reads: nn.Module.__getattr__ costs ~1 us each, ~70 calls per token
+        b = self._buffers  # direct dict reads: nn.Module.__getattr__ costs ~1 us each, ~80 calls per token
         if x.dtype == torch.float32 and b["input_scale"] is None:  # the common case, kept short (decode)
+            qw = b["qweight"]
+            fast = self.__dict__.get("_decode")
+            if fast is None or fast[0] is not qw or fast[1] != qw.data_ptr() or fast[2] is not b["scale"] \
+                    or fast[3] is not b.get("minv") or fast[4] is not b["bias"]:
+                fast = self._bind_decode()
+            if fast[5] is not None:
+                y = fast[5](x)
+                if y is not None:
+                    return y
             if self.spec.bits == 8:
                 return int8_linear(x, b["qweight"], b["scale"], b["bias"])
             return int4_linear(x, b["qweight"], b["scale"], b["minv"], self.spec.group_size, b["bias"])
@@ -133,6 +142,22 @@ class QuantLinear(nn.Module):
         else:
             y = int4_linear(x, self.qweight, self.scale, self.minv, self.spec.group_size, self.bias)
         return y.to(dt)
+
+    def _bind_decode(self) -> tuple:
+        """(the buffers it was bound to, qweight's address, the bound kernel call or None): the decode
+        call's weight-side work done once, redone when a buffer is replaced or moved (``.to()``, loading)."""
+        b = self._buffers
+        qw, sc, mn, bias = b["qweight"], b["scale"], b.get("minv"), b["bias"]
+        run = bind_decode(self.spec.bits, qw, sc, mn, self.spec.group_size, bias) if qw is not None else None
+        fast = (qw, qw.data_ptr() if qw is not None else 0, sc, mn, bias, run)
+        self.__dict__["_decode"] = fast
+        return fast
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_decode", None)  # holds raw pointers and a ctypes function: never pickled or copied
+        return state
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())

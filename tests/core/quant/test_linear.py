@@ -71,3 +71,60 @@ def test_replace_in_sequential_and_bytes_shrink(quant_home) -> None:
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
     assert linear_weight_bytes(model) < 0.2 * fp
     assert (model(x) - ref).norm() / ref.norm() < 0.15
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, 64)])
+def test_bound_decode_call_matches_kernel_and_rebinds(quant_home, spec: QuantSpec) -> None:
+    """QuantLinear binds its weight-side kernel arguments once (``kernels.bind_decode``): same result as
+    the unbound call, no binding for calls the kernel does not take, and a fresh binding when a buffer
+    is replaced (stale pointers would read freed or old weights)."""
+    import copy
+    import io
+
+    if kernels.c_library() is None:
+        pytest.skip(f"no C kernel on this machine: {kernels.c_library_error()}")
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 40, bias=True)
+    q = QuantLinear.from_linear(lin, spec)
+
+    def unbound(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        if spec.bits == 8:
+            return kernels.int8_linear(x, m.qweight, m.scale, m.bias)
+        return kernels.int4_linear(x, m.qweight, m.scale, m.minv, spec.group_size, m.bias)
+
+    x = torch.randn(1, 3, 128)
+    y = q(x)
+    run = q.__dict__["_decode"][5]
+    assert run is not None and torch.equal(y, unbound(q, x))
+    assert torch.equal(run(x), y) and y.shape == (1, 3, 40)
+    # calls the kernel does not take: the bound call declines, forward falls back (same figures as before)
+    assert run(torch.randn(kernels.ROW_THRESHOLD + 1, 128)) is None
+    assert run(torch.randn(2, 128, requires_grad=True)) is None
+    kernels.set_activation_quant(False)
+    try:
+        assert run(x) is None
+        assert torch.allclose(q(x), F.linear(x, q.dequantized(), q.bias), atol=1e-4)
+    finally:
+        kernels.set_activation_quant(None)
+    # a replaced buffer is rebound: the output follows the new weights
+    other = QuantLinear.from_linear(nn.Linear(128, 40, bias=True), spec)
+    q.qweight = other.qweight.clone()
+    q.bias = other.bias.clone()
+    assert q.__dict__["_decode"][0] is not q.qweight
+    y2 = q(x)
+    assert q.__dict__["_decode"][0] is q.qweight
+    assert torch.equal(y2, unbound(q, x)) and not torch.allclose(y2, y)
+    # in-place changes keep the pointers valid
+    q.scale.mul_(2)
+    assert torch.equal(q(x), unbound(q, x))
+    # copies bind their own buffers (the binding is never pickled or deep-copied)
+    c = copy.deepcopy(q)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    expect = unbound(q, x)
+    del q
+    for m in (c, loaded):
+        assert torch.equal(m(x), expect)
+        assert m.__dict__["_decode"][0] is m.qweight
