@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -20,13 +18,13 @@ def test_batched_engine_matches_unbatched_greedy(tiny_model) -> None:
     # The first request generates long enough that the others surely arrive while it is running,
     # whatever the machine's speed: they are submitted only once its first token has streamed.
     params = [SamplingParams(max_new_tokens=48)] + [SamplingParams(max_new_tokens=8)] * (len(prompts) - 1)
-    ref = [generate(tiny_model, [p], sp)[0] for p, sp in zip(prompts, params)]
+    ref = [generate(tiny_model, [p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
     eng = Engine(tiny_model, max_batch=3, eos_token_id=None)
     with eng:
         first = eng.submit(prompts[0], params[0])
         next(iter(first.stream(timeout=60)))
         handles = [first]
-        for p, sp in zip(prompts[1:], params[1:]):  # later requests join the running batch
+        for p, sp in zip(prompts[1:], params[1:], strict=True):  # later requests join the running batch
             handles.append(eng.submit(p, sp))
         out = [h.result(120) for h in handles]
     assert out == ref
