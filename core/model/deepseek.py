@@ -170,6 +170,11 @@ class ModelArgs:
 # ``FAST_MATVEC = False`` turns it off.
 FAST_MATVEC = True
 MATVEC_MIN_NUMEL = 1 << 17  # 512 KiB of fp32 weight
+# A hook-free module whose class sets ``decode_direct = True`` (core.quant's QuantLinear) is called
+# through its ``forward`` directly, without ``nn.Module.__call__``, at inference (no autograd, no
+# hooks, not tracing): the same result, ~2-3 us less per call on ~70 calls per decoded token.
+# ``DIRECT_FORWARD = False`` turns it off.
+DIRECT_FORWARD = True
 _matvec: Any = None
 _matvec_rows = 0  # the kernel's row limit (core.quant.kernels.F32_MAX_ROWS), read on first use
 
@@ -197,6 +202,11 @@ def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = mv(x, w, m.bias)
         if y is not None:
             return y
+    elif (DIRECT_FORWARD and getattr(type(m), "decode_direct", False) and not torch.is_grad_enabled()
+          and not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+          and not m._backward_pre_hooks and not nn.modules.module._global_forward_hooks
+          and not nn.modules.module._global_forward_pre_hooks and not torch.jit.is_tracing()):
+        return type(m).forward(m, x)  # what m(x) runs, without Module.__call__ (~2-3 us a call)
     return m(x)
 
 

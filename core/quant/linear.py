@@ -43,6 +43,10 @@ class QuantLinear(nn.Module):
     optional ``input_scale`` fp32 (K,) (activation-aware scaling), optional ``bias`` fp32 (N,).
     """
 
+    # The core LM's ``linear`` may call ``forward`` directly (no ``Module.__call__``) when this module
+    # has no hooks and autograd is off: forward touches nothing ``__call__`` would set up.
+    decode_direct = True
+
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, *, bias: bool = False,
                  input_scale: bool = False) -> None:
         super().__init__()
