@@ -172,7 +172,8 @@ FAST_MATVEC = True
 MATVEC_MIN_NUMEL = 1 << 17  # 512 KiB of fp32 weight
 # A hook-free module whose class sets ``decode_direct = True`` (core.quant's QuantLinear) is called
 # through its ``forward`` directly, without ``nn.Module.__call__``, at inference (no autograd, no
-# hooks, not tracing): the same result, ~2-3 us less per call on ~70 calls per decoded token.
+# hooks, not tracing): the same result, 0.6-0.9 us less per call measured on ~70 calls per decoded token
+# (~1% of int4 decode; docs/BENCHMARKS.md).
 # ``DIRECT_FORWARD = False`` turns it off.
 DIRECT_FORWARD = True
 _matvec: Any = None
@@ -206,7 +207,7 @@ def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
           and not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
           and not m._backward_pre_hooks and not nn.modules.module._global_forward_hooks
           and not nn.modules.module._global_forward_pre_hooks and not torch.jit.is_tracing()):
-        return type(m).forward(m, x)  # what m(x) runs, without Module.__call__ (~2-3 us a call)
+        return type(m).forward(m, x)  # what m(x) runs, without Module.__call__
     return m(x)
 
 
