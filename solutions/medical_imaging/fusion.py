@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import log_softmax
 
 from solutions.medical_imaging.data import PLANES
 
@@ -86,14 +87,14 @@ def clinical_text(history: str, sex: str = "", age: str = "", plane: str = "") -
     return f"{history} sex_{sx if sx in ('f', 'm') else 'x'} age_{decade} plane_{plane or 'other'}"
 
 
+def _stats_features(images: np.ndarray, planes: Sequence[str]) -> np.ndarray:
+    """What the modality tree model reads: image_stats of each image plus the plane one-hot."""
+    return np.hstack([np.stack([image_stats(im) for im in images]), _plane_onehot(planes)])
+
+
 def _plane_onehot(planes: Sequence[str]) -> np.ndarray:
     return np.eye(len(PLANES), dtype=np.float32)[[PLANES.index(p) if p in PLANES else PLANES.index("other")
                                                   for p in planes]]
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def pool_by_group(scores: np.ndarray, groups: Sequence[Any] | None, share: float = 1.0) -> np.ndarray:
@@ -131,7 +132,7 @@ class Fusion:
             raise ValueError("fusion: images, texts and labels differ in length")
         if len(np.unique(modality)) < 2 or len(np.unique(region)) < 2:
             raise ValueError("fusion: the training labels need at least two modality and two region classes")
-        X = np.hstack([np.stack([image_stats(im) for im in images]), _plane_onehot(planes)])
+        X = _stats_features(images, planes)
         stats = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, random_state=seed).fit(X, modality)
         return cls(stats, _text_model().fit(list(texts), modality), _text_model().fit(list(texts), region),
                    n_classes={"modality": n_modalities, "region": n_regions})
@@ -139,15 +140,15 @@ class Fusion:
     def modality_scores(self, cnn_logits: np.ndarray, images: np.ndarray, texts: Sequence[str],
                         planes: Sequence[str]) -> np.ndarray:
         """(N, n_modalities) fused log-scores."""
-        X = np.hstack([np.stack([image_stats(im) for im in images]), _plane_onehot(planes)])
+        X = _stats_features(images, planes)
         w = self.weights
         k = cnn_logits.shape[1]
-        return (log_softmax(cnn_logits) + w["mod_stats"] * np.log(_proba(self.stats_modality, X, k) + EPS)
+        return (log_softmax(cnn_logits, axis=1) + w["mod_stats"] * np.log(_proba(self.stats_modality, X, k) + EPS)
                 + w["mod_text"] * np.log(_proba(self.text_modality, list(texts), k) + EPS))
 
     def region_scores(self, cnn_logits: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """(N, n_regions) fused log-scores (before pooling over the study)."""
-        return log_softmax(cnn_logits) + self.weights["reg_text"] * np.log(
+        return log_softmax(cnn_logits, axis=1) + self.weights["reg_text"] * np.log(
             _proba(self.text_region, list(texts), cnn_logits.shape[1]) + EPS)
 
     def save(self, folder: Path) -> None:

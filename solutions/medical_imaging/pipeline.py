@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import expit, log_softmax, softmax
 
 from core.errors import ModelNotReady
 from solutions.medical_imaging.data import (
@@ -30,7 +31,7 @@ from solutions.medical_imaging.data import (
     load_image_array,
     load_medpix,
 )
-from solutions.medical_imaging.fusion import MOD_POOL, Fusion, clinical_text, log_softmax, pool_by_group
+from solutions.medical_imaging.fusion import MOD_POOL, Fusion, clinical_text, pool_by_group
 from solutions.medical_imaging.metrics import TextEmbedder, accuracy, recall_at_k, text_metrics
 from solutions.medical_imaging.reporter import (
     BOS,
@@ -450,7 +451,7 @@ class Reporter:
         """(modality, region) log-scores: CNN heads fused with the side models when the reporter has them;
         region scores averaged over each group (the images of one study)."""
         if self.fusion is None:
-            return log_softmax(o["modality"]), pool_by_group(log_softmax(o["region"]), groups)
+            return log_softmax(o["modality"], axis=1), pool_by_group(log_softmax(o["region"], axis=1), groups)
         mod = self.fusion.modality_scores(o["modality"], images, requests, planes)
         return (pool_by_group(mod, groups, MOD_POOL),
                 pool_by_group(self.fusion.region_scores(o["region"], requests), groups))
@@ -471,8 +472,8 @@ class Reporter:
         if requests is None:
             requests = [clinical_text(h, plane=p) for h, p in zip(history, planes, strict=True)]
         s_mod, s_reg = self.head_scores(o, images, requests, planes, groups)
-        p_mod, p_reg = _softmax(s_mod), _softmax(s_reg)
-        p_cat, p_abn = _softmax(o["category"]), 1 / (1 + np.exp(-o["abnormal"]))
+        p_mod, p_reg = softmax(s_mod, axis=1), softmax(s_reg, axis=1)
+        p_cat, p_abn = softmax(o["category"], axis=1), expit(o["abnormal"])
         mod = p_mod.argmax(1)
         from_header = np.zeros(len(images), dtype=bool)
         if modality_hint is not None:  # the DICOM header is authoritative; the image model only fills in
@@ -515,11 +516,6 @@ class Reporter:
                 embedding=o["embedding"][i].round(5).tolist(),
                 modality_source="dicom" if from_header[i] else "image"))
         return drafts
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def template_caption(modality: str, region: str, plane: str) -> str:
