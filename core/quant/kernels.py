@@ -65,8 +65,13 @@ _C_SOURCE = r"""
 #define USE_AVX2 1
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define INT_DOT_AVX2 1  /* integer-dot kernels: AVX2 maddubs/madd (also on AVX-512 CPUs) */
+#define INT_DOT_AVX2 1  /* integer-dot kernels: AVX2 maddubs/madd (also on AVX-512 CPUs without VNNI) */
 #endif
+#if defined(INT_DOT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) \
+    && defined(__AVX512VNNI__)
+#define INT_DOT_VNNI 1  /* integer-dot kernels: AVX-512 VNNI vpdpbusd, 64 bytes per instruction */
+#endif
+#include <string.h>
 
 static inline float h2f(uint16_t h) {
 #ifdef __F16C__
@@ -335,7 +340,7 @@ static __thread int64_t tl_cap = 0;
 static int scratch(int64_t n) {
   if (n <= tl_cap) return 0;
   free(tl_xq); free(tl_d);
-  tl_xq = (int8_t*)malloc(n + 64);
+  tl_xq = (int8_t*)malloc(2 * n + 128);  /* xq, then (VNNI int4, G = 64) xq with group pairs interleaved */
   tl_d = (float*)malloc(sizeof(float) * (2 * (n / 32) + 16));
   if (!tl_xq || !tl_d) { free(tl_xq); free(tl_d); tl_xq = 0; tl_d = 0; tl_cap = 0; return -1; }
   tl_cap = n;
@@ -343,14 +348,43 @@ static int scratch(int64_t n) {
 }
 
 #define NR 4  /* output rows per step: the activation loads are shared by NR weight rows */
+#if !defined(NR4) && defined(INT_DOT_VNNI) && defined(NR4_VNNI)
+#define NR4 NR4_VNNI
+#endif
 #ifndef NR4
 #define NR4 2  /* int4: 2 rows measured faster than 4 (register pressure: 2 unpacked halves per row) */
 #endif
 
 /* R rows of int8 weights (w8: row stride K) times one quantized activation row. out[r] unscaled by s. */
-static inline __attribute__((always_inline)) void w8q_rows(const int8_t* xr, const float* dr, const int8_t* w,
-                                                          int K, int B, int R, float* out) {
+static inline __attribute__((always_inline)) void w8q_rows(const int8_t* xr, const float* dr, const float* xsr,
+                                                          const int8_t* w, int K, int B, int R, float* out) {
   int nb = K / B;
+#ifdef INT_DOT_VNNI
+  /* vpdpbusd multiplies unsigned by signed bytes: the weight codes become unsigned (w + 128: one xor)
+     and the activation side pays it back once per row: sum_b d_b isum_b((w + 128) xq) =
+     sum_b d_b isum_b(w xq) + 128 sum_b xs_b (xs_b = d_b isum_b(xq)). */
+  if (B % 64 == 0) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[NR];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+      __m512i is[NR];
+      for (int r = 0; r < R; r++) is[r] = _mm512_setzero_si512();
+      for (int j = 0; j < B; j += 64) {
+        __m512i xv = _mm512_loadu_si512((const void*)(xr + b * B + j));
+        for (int r = 0; r < R; r++)
+          is[r] = _mm512_dpbusd_epi32(is[r], _mm512_xor_si512(
+              _mm512_loadu_si512((const void*)(w + (int64_t)r * K + b * B + j)), flip), xv);
+      }
+      const __m512 dv = _mm512_set1_ps(dr[b]);
+      for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), dv, acc[r]);
+    }
+    float xt = 0.f;
+    for (int b = 0; b < nb; b++) xt += xsr[b];
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - 128.f * xt;
+    return;
+  }
+#endif
 #ifdef INT_DOT_AVX2
   const __m256i one16 = _mm256_set1_epi16(1);
   __m256 acc[NR];
@@ -399,8 +433,10 @@ int w8q_mm(const float* x, const int8_t* w, const float* s, const float* bias, f
     const int8_t* wq = w + (int64_t)n0 * K;
     for (int m = 0; m < M; m++) {
       float out[NR];
-      if (nr == NR) w8q_rows(xq + (int64_t)m * K, d + (int64_t)m * nb, wq, K, B, NR, out);
-      else for (int r = 0; r < nr; r++) w8q_rows(xq + (int64_t)m * K, d + (int64_t)m * nb, wq + (int64_t)r * K, K, B, 1, out + r);
+      const int8_t* xr = xq + (int64_t)m * K;
+      const float *dr = d + (int64_t)m * nb, *xsr = xs + (int64_t)m * nb;
+      if (nr == NR) w8q_rows(xr, dr, xsr, wq, K, B, NR, out);
+      else for (int r = 0; r < nr; r++) w8q_rows(xr, dr, xsr, wq + (int64_t)r * K, K, B, 1, out + r);
       for (int r = 0; r < nr; r++)
         y[(int64_t)m * N + n0 + r] = out[r] * s[n0 + r] + (bias ? bias[n0 + r] : 0.f);
     }
@@ -409,17 +445,90 @@ int w8q_mm(const float* x, const int8_t* w, const float* s, const float* bias, f
 }
 
 /* R rows of packed int4 (row stride K/2 bytes, ng = K/G groups) times one quantized activation row. */
-static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, const float* dr, const float* xsr,
-                                                          const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
-                                                          int K, int G, int R, float* out) {
+static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, const int8_t* xp, const float* dr,
+                                                          const float* xsr, const uint8_t* w, const uint16_t* sc,
+                                                          const uint16_t* mn, int K, int G, int R, float* out) {
   int ng = K / G, h = G / 2;
   int64_t rb = K / 2;
   float tail[NR4];
   for (int r = 0; r < R; r++) tail[r] = 0.f;
+  int done = 0;
+  (void)done;
+#ifdef INT_DOT_VNNI
+  /* AVX-512 VNNI: vpdpbusd (unsigned codes x signed activations, 4 products summed per int32 lane) on
+     64 packed bytes = 128 codes at a time. G = 64: a 64-byte load holds two groups (low nibbles: codes
+     0-31 of both, high: 32-63), so the activation row comes pre-interleaved per group pair (``xp``:
+     [g lo | g+1 lo | g hi | g+1 hi]) and lanes 0-7 / 8-15 take group g's / g+1's scale. G % 128 == 0:
+     one group spans whole 64-byte steps. */
+  if (G == 64 && xp) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i pidx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[NR4];
+    float scd[NR4][64];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g + 2 <= ng; g += 2) {
+      if ((g & 63) == 0) {
+        int gn = ng - g < 64 ? ng - g : 64;
+        for (int i = 0; i < gn; i += 16) {  /* masked loads for the last < 16 groups */
+          __mmask16 k = gn - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (gn - i)) - 1);
+          __m512 dv = _mm512_maskz_loadu_ps(k, dr + g + i);
+          for (int r = 0; r < R; r++)
+            _mm512_storeu_ps(scd[r] + i, _mm512_mul_ps(dv, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + r * ng + g + i))));
+        }
+      }
+      __m512i xl = _mm512_loadu_si512((const void*)(xp + g * 64)), xh = _mm512_loadu_si512((const void*)(xp + g * 64 + 64));
+      for (int r = 0; r < R; r++) {
+        __m512i b = _mm512_loadu_si512((const void*)(w + r * rb + g * 32));
+        __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+        __m512i is = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+        double s2;
+        memcpy(&s2, scd[r] + (g & 63), sizeof s2);
+        __m512 sv = _mm512_permutexvar_ps(pidx, _mm512_castpd_ps(_mm512_set1_pd(s2)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), sv, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) tail[r] = _mm512_reduce_add_ps(acc[r]);
+    if (ng & 1) {  /* odd group count: the last group alone, 32 bytes */
+      int g = ng - 1;
+      const __m256i m4h = _mm256_set1_epi8(15);
+      __m256i xl = _mm256_loadu_si256((const __m256i*)(xr + g * 64)), xh = _mm256_loadu_si256((const __m256i*)(xr + g * 64 + 32));
+      for (int r = 0; r < R; r++) {
+        __m256i b = _mm256_loadu_si256((const __m256i*)(w + r * rb + g * 32));
+        __m256i lo = _mm256_and_si256(b, m4h), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4h);
+        __m256i is = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
+        tail[r] += hsum8(_mm256_cvtepi32_ps(is)) * ((g & 63) ? scd[r][g & 63] : dr[g] * h2f(sc[r * ng + g]));
+      }
+    }
+    done = 1;
+  } else if (G % 128 == 0) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512 acc[NR4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+      __m512i is[NR4];
+      for (int r = 0; r < R; r++) is[r] = _mm512_setzero_si512();
+      for (int j = 0; j < h; j += 64) {
+        __m512i xl = _mm512_loadu_si512((const void*)(xr + g * G + j));
+        __m512i xh = _mm512_loadu_si512((const void*)(xr + g * G + h + j));
+        for (int r = 0; r < R; r++) {
+          __m512i b = _mm512_loadu_si512((const void*)(w + r * rb + g * h + j));
+          __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+          is[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(is[r], lo, xl), hi, xh);
+        }
+      }
+      const float dg = dr[g];
+      for (int r = 0; r < R; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_set1_ps(dg * h2f(sc[r * ng + g])), acc[r]);
+    }
+    for (int r = 0; r < R; r++) tail[r] = _mm512_reduce_add_ps(acc[r]);
+    done = 1;
+  }
+#endif
 #ifdef INT_DOT_AVX2
   __m256 acc[NR4];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-  if (G >= 64) {
+  if (done) {
+  } else if (G >= 64) {
     const __m256i m4 = _mm256_set1_epi8(15), one16 = _mm256_set1_epi16(1);
     float scd[NR4][64];  /* weight scale x activation scale of each group, 64 groups at a time */
     for (int g = 0; g < ng; g++) {
@@ -508,6 +617,20 @@ int w4q_mm(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t*
   float* xs = tl_d + (int64_t)M * (K / G) + 8;
   q8_rows(x, xq, d, xs, M, K, G);
   int ng = K / G, nq = (N + NR4 - 1) / NR4;
+  const int8_t* xp = 0;
+#ifdef INT_DOT_VNNI
+  if (G == 64) {  /* group pairs interleaved: [g lo | g+1 lo | g hi | g+1 hi], 32 bytes each */
+    int8_t* pp = tl_xq + (int64_t)M * K + 64;
+    for (int m = 0; m < M; m++)
+      for (int g = 0; g + 2 <= ng; g += 2) {
+        const int8_t* src = xq + (int64_t)m * K + g * 64;
+        int8_t* dst = pp + (int64_t)m * K + g * 64;
+        memcpy(dst, src, 32); memcpy(dst + 32, src + 64, 32);
+        memcpy(dst + 64, src + 32, 32); memcpy(dst + 96, src + 96, 32);
+      }
+    xp = pp;
+  }
+#endif
   #pragma omp parallel for num_threads(nth) schedule(static)
   for (int t = 0; t < nq; t++) {
     int n0 = t * NR4, nr = N - n0 < NR4 ? N - n0 : NR4;
@@ -519,9 +642,10 @@ int w4q_mm(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t*
       const int8_t* xr = xq + (int64_t)m * K;
       const float* dr = d + (int64_t)m * ng;
       const float* xsr = xs + (int64_t)m * ng;
-      if (nr == NR4) w4q_rows(xr, dr, xsr, wq, scq, mnq, K, G, NR4, out);
+      const int8_t* xpr = xp ? xp + (int64_t)m * K : 0;
+      if (nr == NR4) w4q_rows(xr, xpr, dr, xsr, wq, scq, mnq, K, G, NR4, out);
       else for (int r = 0; r < nr; r++)
-        w4q_rows(xr, dr, xsr, wq + (int64_t)r * (K / 2), scq + (int64_t)r * ng, mnq + (int64_t)r * ng, K, G, 1, out + r);
+        w4q_rows(xr, xpr, dr, xsr, wq + (int64_t)r * (K / 2), scq + (int64_t)r * ng, mnq + (int64_t)r * ng, K, G, 1, out + r);
       for (int r = 0; r < nr; r++) y[(int64_t)m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.f);
     }
   }

@@ -124,38 +124,62 @@ def test_microbench_times_both_activation_modes(quant_home) -> None:
     assert kernels.activation_quant()
 
 
-def test_portable_build_matches_the_simd_build(quant_home) -> None:
-    """The no-AVX C loops (what a CPU without AVX2 runs) give the same results as the SIMD code."""
-    simd = _lib()
+# Each instruction-set variant of the library, built with -march=<variant> and run here when this CPU has
+# what it needs: "x86-64" = the portable C loops (no AVX), "x86-64-v3" = AVX2 (what an AVX2-only machine
+# runs), "x86-64-v4" = AVX-512 without VNNI (AVX2 integer-dot code), "native" = this CPU (AVX-512 VNNI
+# integer-dot code where present).
+_VARIANT_FLAGS = {"x86-64": (), "x86-64-v3": ("avx2", "fma", "f16c"),
+                  "x86-64-v4": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"),
+                  "native": ()}
+
+
+def _cpu_has(flags: tuple[str, ...]) -> bool:
+    return set(flags) <= set(kernels._cpu_flags().split())
+
+
+@pytest.mark.parametrize("march", list(_VARIANT_FLAGS))
+def test_every_instruction_set_variant_matches_the_references(quant_home, march: str) -> None:
+    """Every build variant (portable, AVX2, AVX-512, AVX-512 VNNI) against the same torch references,
+    at widths that give an odd number of int4 groups and output rows off the kernels' row blocks."""
+    _lib()
+    if not _cpu_has(_VARIANT_FLAGS[march]):
+        pytest.skip(f"this CPU cannot run the {march} build")
     try:
-        portable = kernels._build(march="x86-64")
+        lib = kernels._build(march=march)
     except RuntimeError as e:
-        pytest.skip(f"no portable build here: {e}")
+        pytest.skip(f"no {march} build here: {e}")
     g = torch.Generator().manual_seed(5)
-    M, N, K = 3, 10, 256
-    x = torch.randn(M, K, generator=g)
-    w = torch.randn(N, K, generator=g)
-    b = torch.randn(N, generator=g)
+    for M, N, K in ((3, 10, 256), (1, 11, 320), (2, 7, 384)):
+        x = torch.randn(M, K, generator=g) + 0.5  # a non-zero mean: the VNNI int8 path's offset term matters
+        w = torch.randn(N, K, generator=g)
+        b = torch.randn(N, generator=g)
+        _check_variant(lib, x, w, b)
+
+
+def _check_variant(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+    (M, K), N = x.shape, w.shape[0]
     q8, s8 = quantize_int8(w)
-    for lib in (simd, portable):
-        y = torch.empty(M, N)
-        assert lib.w8q_mm(x.data_ptr(), q8.data_ptr(), s8.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K, 64, 1) == 0
-        ref = F.linear(dequantize_activation_int8(*quantize_activation_int8(x, 64)), dequantize_int8(q8, s8), b)
-        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5)
-        for G in (32, 64, 128):
-            p, sc, mn = quantize_int4(w, G)
-            assert lib.w4q_mm(x.data_ptr(), p.data_ptr(), sc.data_ptr(), mn.data_ptr(), None, y.data_ptr(),
-                              M, N, K, G, 1) == 0
-            ref = F.linear(dequantize_activation_int8(*quantize_activation_int8(x, G)), dequantize_int4(p, sc, mn, G))
-            assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5), G
-            xs = x.view(M, K // G, G).sum(-1).contiguous()
-            lib.w4_mm(x.data_ptr(), xs.data_ptr(), p.data_ptr(), sc.data_ptr(), mn.data_ptr(), None, y.data_ptr(),
-                      M, N, K, G, 1)
-            assert torch.allclose(y, F.linear(x, dequantize_int4(p, sc, mn, G)), atol=1e-4, rtol=1e-5), G
-        lib.w8_mm(x.data_ptr(), q8.data_ptr(), s8.data_ptr(), None, y.data_ptr(), M, N, K, 1)
-        assert torch.allclose(y, F.linear(x, dequantize_int8(q8, s8)), atol=1e-4, rtol=1e-5)
-        y1 = torch.empty(N)
-        lib.f32_mv(x[0].data_ptr(), w.data_ptr(), b.data_ptr(), y1.data_ptr(), N, K, 1)
-        assert torch.allclose(y1, F.linear(x[0], w, b), atol=1e-4, rtol=1e-5)
-        lib.f32_mm(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), M, N, K, 1)
-        assert torch.allclose(y, F.linear(x, w), atol=1e-4, rtol=1e-5)
+    y = torch.empty(M, N)
+    for B in (32, 64):
+        assert lib.w8q_mm(x.data_ptr(), q8.data_ptr(), s8.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K, B, 1) == 0
+        ref = F.linear(dequantize_activation_int8(*quantize_activation_int8(x, B)), dequantize_int8(q8, s8), b)
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5), B
+    for G in (32, 64, 128):
+        if K % G:
+            continue
+        p, sc, mn = quantize_int4(w, G)
+        assert lib.w4q_mm(x.data_ptr(), p.data_ptr(), sc.data_ptr(), mn.data_ptr(), None, y.data_ptr(),
+                          M, N, K, G, 1) == 0
+        ref = F.linear(dequantize_activation_int8(*quantize_activation_int8(x, G)), dequantize_int4(p, sc, mn, G))
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5), G
+        xs = x.view(M, K // G, G).sum(-1).contiguous()
+        lib.w4_mm(x.data_ptr(), xs.data_ptr(), p.data_ptr(), sc.data_ptr(), mn.data_ptr(), None, y.data_ptr(),
+                  M, N, K, G, 1)
+        assert torch.allclose(y, F.linear(x, dequantize_int4(p, sc, mn, G)), atol=1e-4, rtol=1e-5), G
+    lib.w8_mm(x.data_ptr(), q8.data_ptr(), s8.data_ptr(), None, y.data_ptr(), M, N, K, 1)
+    assert torch.allclose(y, F.linear(x, dequantize_int8(q8, s8)), atol=1e-4, rtol=1e-5)
+    y1 = torch.empty(N)
+    lib.f32_mv(x[0].data_ptr(), w.data_ptr(), b.data_ptr(), y1.data_ptr(), N, K, 1)
+    assert torch.allclose(y1, F.linear(x[0], w, b), atol=1e-4, rtol=1e-5)
+    lib.f32_mm(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), M, N, K, 1)
+    assert torch.allclose(y, F.linear(x, w), atol=1e-4, rtol=1e-5)
