@@ -18,6 +18,7 @@ which task-incremental models use to pick their head). Batches are slices of the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -450,6 +451,29 @@ def defects(data_root: Path | None = None, n_tasks: int = 3, size: int = DEFECT_
                "model": f"3-stage CNN (16-32-64) on {size}x{size} grayscale, trained from scratch",
                "metric": "balanced accuracy (mean of good and defect recall)"},
     )
+
+
+VALIDATION_SEED = 1
+
+
+def validation(bench: Benchmark, fraction: float = EVAL_FRACTION, seed: int = VALIDATION_SEED) -> Benchmark:
+    """The benchmark with every task's eval set replaced by a seeded stratified ``fraction`` of its
+    *training* data (trained on the rest): for choosing hyper-parameters without touching eval sets.
+    Tasks built from the same images (permuted digits) get the same slice in every task."""
+    from sklearn.model_selection import train_test_split
+
+    tasks = []
+    for task in bench.tasks:
+        y = task.train[1].numpy()
+        counts = np.bincount(y)
+        strat = y if counts[counts > 0].min() >= 2 else None
+        tr, va = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=strat)
+        tr, va = torch.as_tensor(np.sort(tr)), torch.as_tensor(np.sort(va))
+        tasks.append(Task(task.name, tuple(d[tr] for d in task.train), tuple(d[va] for d in task.train),  # type: ignore[arg-type]
+                          task.n_classes))
+    notes = {**bench.notes, "eval_set": f"VALIDATION: a stratified {fraction:.0%} slice (seed {seed}) of each "
+                                        "task's training data; the benchmark's eval sets are not used"}
+    return dataclasses.replace(bench, tasks=tasks, notes=notes)
 
 
 def load(name: str, **kwargs: Any) -> Benchmark:

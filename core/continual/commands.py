@@ -35,6 +35,10 @@ def continual_eval(
     only_timing: Annotated[bool, typer.Option(help="Only measure the EWC vs plain step-time ratio.")] = False,
     data_root: Annotated[Path | None, typer.Option(help="Folder holding customer_service/ (intents) or industrial/magnetic_tile/ (defects).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch (the models are small).")] = 1,
+    validation: Annotated[bool, typer.Option(help="Score on a seeded 20 % slice of each task's training data "
+                                             "(trained on the rest), never on the eval sets: for tuning.")] = False,
+    ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
+                                                   "empirical_per_sample | true | kfac.")] = None,
 ) -> None:
     """Train the benchmark's tasks in sequence with METHOD; report R[i][j], forgetting, transfer, and the
     naive and joint references from the same run."""
@@ -58,6 +62,12 @@ def continual_eval(
     bench = benchmarks.load(benchmark, **kwargs)
     if tasks is not None:
         bench.tasks = bench.tasks[:tasks]
+    if validation:
+        bench = benchmarks.validation(bench)
+    if ewc_fisher is not None:
+        if ewc_fisher not in ("empirical", "empirical_per_sample", "true", "kfac"):
+            raise ConfigError(f"unknown EWC Fisher {ewc_fisher!r}; choose empirical, empirical_per_sample, true or kfac")
+        bench.ewc_fisher = ewc_fisher
     if epochs is not None:
         bench.epochs = epochs
     if ewc_lambda is not None:  # overrides the combinations' lambda too

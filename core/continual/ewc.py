@@ -20,6 +20,14 @@ Fisher estimators (``fisher``):
   * ``empirical_per_sample``: mean of squared per-sample gradients of the training loss (true labels).
   * ``true``: mean of squared per-sample gradients of ``-log p(y|x)`` with ``y`` drawn from the
     model's own predictive distribution (the "true" Fisher, needs ``output_fn`` -> logits ``(..., C)``).
+  * ``kfac``: Kronecker-factored (not diagonal) true Fisher of every covered ``nn.Linear`` (Martens &
+    Grosse 2015; as an EWC/Laplace penalty: Ritter et al. 2018): per layer ``F ~= A (x) G`` with
+    ``A = E[a a^T]`` (layer inputs, a 1 appended for the bias) and ``G = E[g g^T]`` (gradients of
+    ``-log p(y|x)`` w.r.t. the layer's outputs, the expectation over ``y ~ p(y|x)`` taken exactly for
+    up to 32 classes, else one sampled label). The penalty ``sum_t tr(dW_t^T G_t dW_t A_t)`` keeps
+    the correlations between weights that the diagonal drops; its gradient ``G_t dW_t A_t`` is applied
+    in the factors' eigenbases, truncated to eigenvalues >= ``kfac_tol`` times the largest. Its step
+    cost grows with the number of past tasks (one term each; online mode shares one anchor).
 
 Separate mode costs the same per step as online mode: ``sum_t F_t (theta - a_t)^2`` is rewritten as
 ``W (theta - c)^2 + k`` with ``W = sum_t F_t``, ``c = sum_t F_t a_t / W`` and a constant ``k``, so the
@@ -42,7 +50,8 @@ from core.train.hooks import TrainerHook
 
 EWCMode = Literal["separate", "online"]
 ApplyMode = Literal["grad", "loss", "prox"]
-FisherKind = Literal["empirical", "empirical_per_sample", "true"]
+FisherKind = Literal["empirical", "empirical_per_sample", "true", "kfac"]
+KFAC_EXACT_CLASSES = 32  # up to this many classes the KFAC G factor sums over every label exactly
 FisherNorm = Literal["none", "max", "mean"]
 ParamFilter = Callable[[str], bool] | Sequence[str] | None
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -78,6 +87,17 @@ def slice_batch(batch: Any, i: int) -> Any:
         return {k: slice_batch(v, i) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
         return type(batch)(slice_batch(v, i) for v in batch)
+    return batch
+
+
+def _head(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (tensors sliced on dim 0)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: _head(v, n) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_head(v, n) for v in batch)
     return batch
 
 
@@ -133,11 +153,16 @@ class EWC(TrainerHook):
         consolidate_at_task_end: bool = True,
         temperature: float = 1.0,
         normalize: FisherNorm = "none",
+        kfac_tol: float = 1e-4,
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
-        if fisher not in ("empirical", "empirical_per_sample", "true"):
-            raise ConfigError(f"EWC fisher must be empirical, empirical_per_sample or true, not {fisher!r}")
+        if fisher not in ("empirical", "empirical_per_sample", "true", "kfac"):
+            raise ConfigError(f"EWC fisher must be empirical, empirical_per_sample, true or kfac, not {fisher!r}")
+        if fisher == "kfac" and (apply == "prox" or normalize != "none" or temperature != 1.0):
+            raise ConfigError("EWC fisher='kfac' supports apply='grad' or 'loss', no normalize, no temperature")
+        if not 0.0 <= kfac_tol < 1.0:
+            raise ConfigError(f"EWC kfac_tol must be in [0, 1), not {kfac_tol!r}")
         if apply not in ("grad", "loss", "prox"):
             raise ConfigError(f"EWC apply must be 'grad', 'loss' or 'prox', not {apply!r}")
         if lam < 0 or not 0.0 <= decay <= 1.0:
@@ -148,7 +173,9 @@ class EWC(TrainerHook):
             raise ConfigError("EWC temperature applies to fisher='true' only (labels drawn from the model)")
         if normalize not in ("none", "max", "mean"):
             raise ConfigError(f"EWC normalize must be 'none', 'max' or 'mean', not {normalize!r}")
-        self.temperature, self.normalize = float(temperature), normalize
+        self.temperature, self.normalize, self.kfac_tol = float(temperature), normalize, float(kfac_tol)
+        # KFAC: per past task, per layer (U_G, s_G, U_A, s_A, anchor [W | b]) in the factors' eigenbases.
+        self._kfac: list[dict[str, tuple[torch.Tensor, ...]]] = []
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
         self.fisher_samples = fisher_samples
         self.consolidate_at_task_end = consolidate_at_task_end
@@ -172,6 +199,8 @@ class EWC(TrainerHook):
         the first consolidation)."""
         named = dict(model.named_parameters())
         device = next(iter(named.values())).device if named else torch.device("cpu")
+        if self.fisher_kind == "kfac":
+            return self._kfac_penalty(model, device)
         if not self._weight:
             return torch.zeros((), device=device)
         total = torch.zeros((), device=device)
@@ -186,7 +215,7 @@ class EWC(TrainerHook):
         return 0.5 * self.lam * (total + self._const)
 
     def before_backward(self, trainer: Any, loss: torch.Tensor) -> torch.Tensor:
-        if self.apply != "loss" or not self._weight or self.lam == 0.0:
+        if self.apply != "loss" or not (self._weight or self._kfac) or self.lam == 0.0:
             return loss
         pen = self.penalty(trainer.model)
         self.last_penalty = float(pen.detach())
@@ -194,7 +223,10 @@ class EWC(TrainerHook):
 
     @torch.no_grad()
     def after_backward(self, trainer: Any) -> None:
-        if self.apply != "grad" or not self._weight or self.lam == 0.0:
+        if self.apply != "grad" or not (self._weight or self._kfac) or self.lam == 0.0:
+            return
+        if self.fisher_kind == "kfac":
+            self._kfac_add_grad(trainer.model)
             return
         params, weights, centers = self._bind(trainer.model)
         for p in params:
@@ -243,7 +275,10 @@ class EWC(TrainerHook):
         loader: Iterable[Any],
         task_id: str,
     ) -> dict[str, torch.Tensor]:
-        """Estimate the Fisher on ``loader``, store it with the current weights as anchors. Returns F."""
+        """Estimate the Fisher on ``loader``, store it with the current weights as anchors. Returns F
+        (for ``kfac``: ``{"<layer>#A": A, "<layer>#G": G}``)."""
+        if self.fisher_kind == "kfac":
+            return self._kfac_consolidate(model, loader, task_id)
         fisher = self._normalized(self.estimate_fisher(model, loss_fn, loader))
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
         if self.mode == "online":
@@ -326,6 +361,9 @@ class EWC(TrainerHook):
     def _rebuild(self) -> None:
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
+        if self.fisher_kind == "kfac":
+            self._kfac_rebuild()
+            return
         names = {n for f in self.fishers.values() for n in f}
         const = 0.0
         for n in sorted(names):
@@ -338,6 +376,169 @@ class EWC(TrainerHook):
             const += float(sum((f * a.square()).sum() for f, a in pairs) - (w * c.square()).sum())
             self._weight[n], self._center[n] = w.float(), c.float()
         self._const = max(const, 0.0)  # >= 0 by Cauchy-Schwarz; clamp float64 rounding
+
+    # -- Kronecker-factored Fisher (fisher="kfac") ----------------------------------------------
+    def _kfac_layers(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The covered ``nn.Linear`` modules (their weight's name passes the ``params`` filter)."""
+        layers = {n: m for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and m.weight.requires_grad and self._select(f"{n}.weight")}
+        if not layers:
+            raise ConfigError("EWC fisher='kfac' covers no nn.Linear: check the params filter and requires_grad")
+        return layers
+
+    def estimate_kfac(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, torch.Tensor]:
+        """KFAC factors ``{"<layer>#A": E[a a^T], "<layer>#G": E[g g^T]}`` of the covered linear layers,
+        from at most ``fisher_samples`` samples of ``loader``, in eval mode (dropout off).
+
+        ``a`` is the layer input (with a trailing 1 when the layer has a bias), ``g`` the gradient of
+        ``-log p(y|x)`` w.r.t. the layer output; ``G`` averages ``g g^T`` over ``y ~ p(y|x)`` exactly
+        (one backward per class, each sample weighted by ``sqrt p``) for up to ``KFAC_EXACT_CLASSES``
+        classes, else over one sampled label per prediction. Rows of sequence inputs ``(B, T, D)`` count
+        as predictions of their own."""
+        layers = self._kfac_layers(model)
+        seen_in: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = [m.register_forward_hook(lambda _m, args, out, n=n: seen_in.__setitem__(n, (args[0], out)))
+                   for n, m in layers.items()]
+        dims = {n: m.in_features + (m.bias is not None) for n, m in layers.items()}
+        a_sum = {n: torch.zeros(d, d, dtype=torch.float64) for n, d in dims.items()}
+        g_sum = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for n, m in layers.items()}
+        rows = dict.fromkeys(layers, 0)
+        was_training = model.training
+        model.eval()  # dropout off: the Fisher of the deterministic model
+        seen, budget = 0, self.fisher_samples
+        try:
+            with torch.enable_grad():
+                for batch in loader:
+                    if budget is not None and seen >= budget:
+                        break
+                    n = batch_size_of(batch) if budget is None else min(batch_size_of(batch), budget - seen)
+                    part = _head(batch, n)
+                    logits = self.output_fn(model, part)
+                    flat = logits.reshape(-1, logits.shape[-1]).float()  # (N, C)
+                    logp = torch.log_softmax(flat, dim=-1)
+                    prob = logp.detach().exp()
+                    outs = []
+                    for name, m in layers.items():
+                        x, out = seen_in[name]
+                        a = x.detach().reshape(-1, m.in_features).double()
+                        if m.bias is not None:
+                            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+                        a_sum[name] += (a.T @ a).cpu()
+                        rows[name] += a.shape[0]
+                        outs.append(out)
+                    # masked classes (logit -inf, p = 0) get weight 0; clamp keeps 0 * -inf out of the sum
+                    safe = logp.clamp_min(-1e4)
+                    if flat.shape[-1] <= KFAC_EXACT_CLASSES:
+                        weights = prob.sqrt()  # (N, C)
+                        losses = [-(weights[:, c] * safe[:, c]).sum() for c in range(flat.shape[-1])
+                                  if bool((prob[:, c] > 0).any())]
+                    else:
+                        drawn = torch.multinomial(prob, 1)  # (N, 1): y ~ p(y|x)
+                        losses = [-safe.gather(1, drawn).sum()]
+                    for k, loss in enumerate(losses):
+                        grads = torch.autograd.grad(loss, outs, retain_graph=k < len(losses) - 1)
+                        for (name, m), g in zip(layers.items(), grads, strict=True):
+                            g = g.reshape(-1, m.out_features).double()
+                            g_sum[name] += (g.T @ g).cpu()
+                    seen += n
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+            model.zero_grad(set_to_none=True)
+        if seen == 0:
+            raise DataError("EWC consolidation got an empty loader: no data to estimate the Fisher on")
+        out: dict[str, torch.Tensor] = {}
+        for name in layers:
+            out[f"{name}#A"] = (a_sum[name] / rows[name]).float()
+            out[f"{name}#G"] = (g_sum[name] / rows[name]).float()  # one prediction per input row
+        return out
+
+    def _kfac_consolidate(self, model: nn.Module, loader: Iterable[Any], task_id: str) -> dict[str, torch.Tensor]:
+        factors = self.estimate_kfac(model, loader)
+        params = dict(model.named_parameters())
+        layers = sorted({k.rsplit("#", 1)[0] for k in factors})
+        anchor = {f"{n}.{p}": params[f"{n}.{p}"].detach().clone() for n in layers for p in ("weight", "bias")
+                  if f"{n}.{p}" in params}
+        if self.mode == "online":
+            # F <- decay * F_old + F_new as a sum of Kronecker products (a sum of two is no Kronecker
+            # product), all anchored at the latest weights
+            for t in self.fishers:
+                self.fishers[t] = {k: v * self.decay if k.endswith("#G") else v for k, v in self.fishers[t].items()}
+                self.anchors[t] = anchor
+        key = task_id if task_id not in self.fishers else f"{task_id}#{len(self.tasks)}"
+        self.fishers[key], self.anchors[key] = factors, anchor
+        self.tasks.append(task_id)
+        self._rebuild()
+        return factors
+
+    def _kfac_rebuild(self) -> None:
+        """Eigendecompose every task's factors once; keep eigenvalues >= kfac_tol * the largest."""
+        self._kfac = []
+        for t, fs in self.fishers.items():
+            term: dict[str, tuple[torch.Tensor, ...]] = {}
+            for key in fs:
+                if not key.endswith("#A"):
+                    continue
+                layer = key[:-2]
+                parts = []
+                for f in (fs[f"{layer}#G"], fs[key]):
+                    s, u = torch.linalg.eigh(f.double())
+                    keep = s >= max(self.kfac_tol * float(s.max()), 0.0) if float(s.max()) > 0 else s > 0
+                    parts += [u[:, keep].float().contiguous(), s[keep].clamp_min(0.0).float()]
+                u_g, s_g, u_a, s_a = parts
+                w = self.anchors[t][f"{layer}.weight"]
+                b = self.anchors[t].get(f"{layer}.bias")
+                anchor = torch.cat([w, b[:, None]], dim=1) if b is not None else w
+                # the anchor in the eigenbases, so a step only projects the current weights
+                term[layer] = (u_g, s_g[:, None] * s_a[None, :], u_a, u_g.T @ anchor @ u_a)
+            self._kfac.append(term)
+
+    @staticmethod
+    def _kfac_weight(named: dict[str, nn.Parameter], layer: str) -> torch.Tensor:
+        w = named.get(f"{layer}.weight")
+        if w is None:
+            raise DataError(f"EWC state covers layer {layer!r} which this model does not have")
+        b = named.get(f"{layer}.bias")
+        return torch.cat([w, b[:, None]], dim=1) if b is not None else w
+
+    def _kfac_penalty(self, model: nn.Module, device: torch.device) -> torch.Tensor:
+        """``lambda/2 * sum_t sum_layers tr(dW^T G dW A)`` (truncated eigenbases), differentiable."""
+        named = dict(model.named_parameters())
+        total = torch.zeros((), device=device)
+        for term in self._kfac:
+            for layer, (u_g, scale, u_a, center) in term.items():
+                wb = self._kfac_weight(named, layer)
+                d = u_g.to(wb.device).T @ wb @ u_a.to(wb.device) - center.to(wb.device)
+                total = total + (scale.to(wb.device) * d.square()).sum()
+        return 0.5 * self.lam * total
+
+    @torch.no_grad()
+    def _kfac_add_grad(self, model: nn.Module) -> None:
+        """``.grad += lambda * sum_t G_t (W - W*_t) A_t`` per covered layer, in the truncated eigenbases."""
+        named = dict(model.named_parameters())
+        layers = {layer for term in self._kfac for layer in term}
+        for layer in sorted(layers):
+            w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
+            if w is None or not w.requires_grad:
+                continue
+            wb = self._kfac_weight(named, layer)
+            grad = torch.zeros_like(wb)
+            for term in self._kfac:
+                if layer not in term:
+                    continue
+                u_g, scale, u_a, center = term[layer]
+                if u_g.device != wb.device:
+                    u_g, scale, u_a, center = (t.to(wb.device) for t in (u_g, scale, u_a, center))
+                d = torch.addmm(center, u_g.T @ wb, u_a, alpha=1.0, beta=-1.0)  # U_G^T dW U_A
+                grad.addmm_(u_g @ d.mul_(scale), u_a.T)
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.add_(grad[:, : w.shape[1]], alpha=self.lam)
+            if b is not None and b.requires_grad:
+                if b.grad is None:
+                    b.grad = torch.zeros_like(b)
+                b.grad.add_(grad[:, -1], alpha=self.lam)
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -352,6 +553,9 @@ class EWC(TrainerHook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mode", self.mode) != self.mode:
             raise ConfigError(f"saved EWC state is mode {state['mode']!r}, this hook is {self.mode!r}")
+        if (state.get("fisher_kind", self.fisher_kind) == "kfac") != (self.fisher_kind == "kfac"):
+            raise ConfigError(f"saved EWC state has fisher {state['fisher_kind']!r}, this hook {self.fisher_kind!r}: "
+                              "KFAC factors and a diagonal Fisher do not mix")
         try:
             self.fishers = {t: dict(fs) for t, fs in state["fishers"].items()}
             self.anchors = {t: dict(a) for t, a in state["anchors"].items()}
@@ -359,7 +563,9 @@ class EWC(TrainerHook):
         except (KeyError, AttributeError, TypeError) as e:
             raise DataError(f"malformed EWC state (missing {e}); was it saved by core.continual.ewc?") from e
         for t, fs in self.fishers.items():
-            if set(fs) != set(self.anchors.get(t, {})):
+            want = set(fs) if self.fisher_kind != "kfac" else {
+                f"{n.rsplit('#', 1)[0]}.{p}" for n in fs for p in ("weight", "bias")}
+            if not set(self.anchors.get(t, {})) <= want or (self.fisher_kind != "kfac" and set(fs) != want):
                 raise DataError(f"EWC state for task {t!r} has Fisher and anchors for different parameters")
         self._rebuild()
 
@@ -390,5 +596,6 @@ class EWC(TrainerHook):
         except Exception as e:  # safetensors raises its own error type for corrupt files
             raise DataError(f"cannot read EWC state from {path}: {e}") from e
         tasks = meta.get("tasks", "")
-        self.load_state_dict({"mode": meta.get("mode", self.mode), "fishers": fishers, "anchors": anchors,
+        self.load_state_dict({"mode": meta.get("mode", self.mode),
+                              "fisher_kind": meta.get("fisher_kind", self.fisher_kind), "fishers": fishers, "anchors": anchors,
                               "tasks": tasks.split("\n") if tasks else []})

@@ -238,14 +238,17 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     """
     torch.manual_seed(seed)
     model = bench.make_model().to(device)
-    ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,
+    fisher = bench.ewc_fisher
+    ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,  # type: ignore[arg-type]
+              fisher=fisher, output_fn=output_fn,  # type: ignore[arg-type]
               consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
     for task in bench.tasks:
         ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
-    applies = ("grad", "loss", "prox")
+    applies = ("grad", "loss") if fisher == "kfac" else ("grad", "loss", "prox")
     hooks: dict[str, list[TrainerHook]] = {"plain": []}
     for apply in applies:
         h = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply=apply,  # type: ignore[arg-type]
+                fisher=fisher, output_fn=output_fn,  # type: ignore[arg-type]
                 consolidate_at_task_end=False)
         h.load_state_dict(ewc.state_dict())
         hooks[apply] = [h]

@@ -302,3 +302,124 @@ def test_temperature_and_normalize_are_checked() -> None:
         EWC(1.0, fisher="true", temperature=0.0)
     with pytest.raises(ConfigError):
         EWC(1.0, normalize="sum")  # type: ignore[arg-type]
+
+
+# -- Kronecker-factored Fisher ------------------------------------------------------------------
+def _kfac_brute(net: Net, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head layer's A = E[[h,1][h,1]^T] and G = E_x sum_y p(y|x) g_y g_y^T, one sample and label at a time."""
+    x = torch.cat([b[0] for b in batches])
+    a_sum, g_sum = torch.zeros(17, 17, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(len(x)):
+        h = net.body(x[i : i + 1])
+        a = torch.cat([h.detach()[0], torch.ones(1)]).double()
+        a_sum += torch.outer(a, a)
+        out = net.head(h)
+        p = torch.softmax(out, -1).detach()[0]
+        for c in range(3):
+            (g,) = torch.autograd.grad(-torch.log_softmax(out, -1)[0, c], out, retain_graph=True)
+            g_sum += float(p[c]) * torch.outer(g[0].double(), g[0].double())
+    return (a_sum / len(x)).float(), (g_sum / len(x)).float()
+
+
+def test_kfac_factors_match_per_sample_expectation(net: Net) -> None:
+    batches = task_data(20, n=32)
+    factors = EWC(1.0, fisher="kfac").estimate_kfac(net, batches)
+    assert set(factors) == {"body.0#A", "body.0#G", "head#A", "head#G"}
+    a, g = _kfac_brute(net, batches)
+    torch.testing.assert_close(factors["head#A"], a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(factors["head#G"], g, rtol=1e-4, atol=1e-7)
+    for f in factors.values():  # symmetric positive semi-definite
+        torch.testing.assert_close(f, f.T)
+        assert float(torch.linalg.eigvalsh(f.double()).min()) > -1e-6
+
+
+def test_kfac_penalty_is_the_kronecker_quadratic_form(net: Net) -> None:
+    ewc = EWC(3.0, fisher="kfac", kfac_tol=0.0)  # no truncation: the exact A (x) G form
+    factors = ewc.consolidate(net, loss_fn, task_data(21), "a")
+    assert float(ewc.penalty(net)) == pytest.approx(0.0, abs=1e-6)
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    expected = 0.0
+    for layer, mod, old in (("body.0", moved.body[0], net.body[0]), ("head", moved.head, net.head)):
+        dw = torch.cat([mod.weight - old.weight, (mod.bias - old.bias)[:, None]], dim=1).detach()
+        a, g = factors[f"{layer}#A"], factors[f"{layer}#G"]
+        expected += float(torch.trace(dw.T @ g @ dw @ a))  # = vec(dW)^T (A (x) G) vec(dW)
+    assert expected > 0
+    assert float(ewc.penalty(moved)) == pytest.approx(0.5 * 3.0 * expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_kfac_grad_mode_adds_exactly_the_penalty_gradient(net: Net, mode: str) -> None:
+    grads = {}
+    for apply in ("loss", "grad"):
+        ewc = EWC(40.0, fisher="kfac", apply=apply, mode=mode)  # type: ignore[arg-type]
+        model = copy.deepcopy(net)
+        ewc.consolidate(model, loss_fn, task_data(22), "a")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        ewc.consolidate(model, loss_fn, task_data(23), "b")  # two terms (online: one shared anchor)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        trainer = type("T", (), {"model": model})()
+        loss = ewc.before_backward(trainer, loss_fn(model, task_data(24)[0]))
+        loss.backward()
+        ewc.after_backward(trainer)
+        grads[apply] = [p.grad.clone() for p in model.parameters()]
+    for g_loss, g_grad in zip(grads["loss"], grads["grad"], strict=True):
+        torch.testing.assert_close(g_grad, g_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_kfac_online_shares_the_latest_anchor_and_decays(net: Net) -> None:
+    ewc = EWC(1.0, fisher="kfac", mode="online", decay=0.5)
+    f_a = ewc.consolidate(net, loss_fn, task_data(25), "a")
+    with torch.no_grad():
+        net.head.bias.add_(1.0)
+    ewc.consolidate(net, loss_fn, task_data(26), "b")
+    assert ewc.tasks == ["a", "b"]
+    torch.testing.assert_close(ewc.fishers["a"]["head#G"], 0.5 * f_a["head#G"])
+    torch.testing.assert_close(ewc.fishers["a"]["head#A"], f_a["head#A"])
+    for t in ("a", "b"):
+        assert torch.equal(ewc.anchors[t]["head.bias"], net.head.bias.detach())
+    assert float(ewc.penalty(net)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kfac_resume_and_config_errors(net: Net, tmp_path) -> None:  # noqa: ANN001
+    ewc = EWC(5.0, fisher="kfac", params=["head.*"])
+    ewc.consolidate(net, loss_fn, task_data(27), "a")
+    assert set(ewc.anchors["a"]) == {"head.weight", "head.bias"}
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05)
+    expected = float(ewc.penalty(moved))
+    assert expected > 0
+    ewc.save(tmp_path / "kfac.safetensors")
+    again = EWC(5.0, fisher="kfac")
+    again.load(tmp_path / "kfac.safetensors")
+    assert float(again.penalty(moved)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ConfigError):  # diagonal hook cannot read KFAC factors
+        EWC(5.0).load(tmp_path / "kfac.safetensors")
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="kfac", apply="prox")
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="kfac", params=["nothing.*"]).consolidate(net, loss_fn, task_data(1), "a")
+
+
+def test_kfac_hook_keeps_old_task_outputs(net: Net) -> None:
+    """Through the hook protocol: with the KFAC penalty, task B changes A's logits much less."""
+    a, b = task_data(28, n=128), task_data(29, n=128)
+    xa = torch.cat([x for x, _ in a])
+
+    def change(lam: float) -> float:
+        model = copy.deepcopy(net)
+        loop = HookLoop(model, loss_fn, lr=0.1, hooks=[EWC(lam, fisher="kfac")])
+        loop.fit(a, epochs=5, task_id="a")
+        before = model(xa).detach()
+        loop.fit(b, epochs=5, task_id="b")
+        return float((model(xa).detach() - before).square().mean())
+
+    assert change(30.0) < 0.5 * change(0.0)
