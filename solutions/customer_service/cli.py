@@ -122,6 +122,7 @@ def bench(
 
     batched = batched_rate(tracker)
     res: dict = {"turns": len(pairs), "encoder": "int8" if enc.quantized else "fp32",
+                 "matmuls": "int8" if enc.quantized else "bf16" if enc.bf16 else "fp32",
                  "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
                  "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
                  "turns_per_s_single": round(1000 * len(lat) / sum(lat), 1), "turns_per_s_batched": round(batched, 1),
@@ -134,6 +135,12 @@ def bench(
         other.bank(dev.schemas).ensure(sorted({s for d in sample for s in d.get("services", []) if s in dev.schemas}))
         rates = {"this": batched_rate(tracker), f"encoder_{'fp32' if enc.quantized else 'int8'}": batched_rate(other),
                  "64_pairs_per_call": batched_rate(tracker, 64)}
+        if enc.bf16:  # the same fp32 weights with fp32 matmuls (what an AVX2-only CPU runs)
+            enc.bf16 = False
+            try:
+                rates["fp32_matmuls"] = batched_rate(tracker)
+            finally:
+                enc.bf16 = True
         rates["this"] = round((rates["this"] + batched) / 2, 1)  # two runs of this path, interleaved
         res["compare_turns_per_s_batched"] = {k: round(v, 1) for k, v in rates.items()}
         res["compare_ratio_this_over"] = {k: round(rates["this"] / v, 2) for k, v in rates.items() if k != "this"}

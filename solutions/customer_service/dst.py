@@ -68,6 +68,12 @@ class TrackerConfig:
     # previous active intent. Grid: carry -1..2, stay -1..2; best JGA 0.367 / intent acc 0.948 there.
     status_logit_bias: list[float] | None = field(default_factory=lambda: [-0.5, 0.0, 0.0, 0.0, 0.0])
     intent_stay_bias: float = -1.0
+    # The same decisions for services the heads were not trained on (zero-shot from their schema):
+    # ``None`` = as for seen services. Chosen with a pseudo-unseen run (README "Decision biases").
+    status_logit_bias_unseen: list[float] | None = None
+    intent_stay_bias_unseen: float | None = None
+    # A slot is requested when its request logit exceeds this.
+    request_threshold: float = 0.0
     # Frozen encoder precision the heads were trained on (and must run on): int8 dynamic quantization of
     # MiniLM's linear layers, or fp32.
     encoder_int8: bool = False
@@ -279,7 +285,7 @@ def _encode_pairs(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequenc
     from core.jobs import progress
 
     encoder._load()
-    tok, model = encoder._tok, encoder._model
+    tok = encoder._tok
     order = sorted(range(len(users)), key=lambda i: len(users[i]) + len(systems[i]))
     out: list[TurnFeatures | None] = [None] * len(users)
     bs = batch_size
@@ -293,7 +299,7 @@ def _encode_pairs(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequenc
             enc = tok(us, ss, padding=True, truncation="only_second", max_length=MAX_PAIR_TOKENS,
                       return_tensors="pt", return_offsets_mapping=True)
             om = enc.pop("offset_mapping")
-            hid = model(**enc).last_hidden_state  # (B, T, 384)
+            hid = encoder.hidden(enc)  # (B, T, 384)
         special = enc["special_tokens_mask"] if "special_tokens_mask" in enc else None
         del special
         for j, i in enumerate(idx):
@@ -375,8 +381,14 @@ class DialogueStateTracker:
         seg = torch.from_numpy(feats.seg.astype(np.int64))[None]
         mask = torch.ones_like(seg, dtype=torch.bool)
         bank.ensure(services)
+        trained = set(self.cfg.trained_services)  # the rest are tracked zero-shot
         for svc in services:
             schema = bank.schemas[svc]
+            unseen = svc not in trained
+            stay_bias = (self.cfg.intent_stay_bias_unseen if unseen and self.cfg.intent_stay_bias_unseen is not None
+                         else self.cfg.intent_stay_bias)
+            status_bias = (self.cfg.status_logit_bias_unseen if unseen and self.cfg.status_logit_bias_unseen is not None
+                           else self.cfg.status_logit_bias)
             frame = new.setdefault(svc, empty_frame())
             prev = state.get(svc, empty_frame())
             # intent
@@ -386,7 +398,7 @@ class DialogueStateTracker:
             n = len(names)
             logits = self.heads.intent(intent_features(u.expand(n, -1), s.expand(n, -1), d, was)).squeeze(-1)
             if prev["active_intent"] != "NONE":
-                logits = logits + self.cfg.intent_stay_bias * was
+                logits = logits + stay_bias * was
             frame["active_intent"] = names[int(logits.argmax())]
             # requested slots + status: one slot-conditioned read of the turn's tokens per slot
             slots = schema["slots"]
@@ -396,9 +408,10 @@ class DialogueStateTracker:
             cat = torch.tensor([float(bool(sl.get("is_categorical"))) for sl in slots])
             st_logits, req = self.heads.slot(h[None], seg, mask, ds, u.expand(k, -1), s.expand(k, -1), has, cat,
                                              rows=torch.zeros(k, dtype=torch.long))
-            frame["requested_slots"] = [sl["name"] for sl, r in zip(slots, req.tolist(), strict=True) if r > 0]
-            if self.cfg.status_logit_bias:
-                st_logits = st_logits + torch.tensor(self.cfg.status_logit_bias)
+            frame["requested_slots"] = [sl["name"] for sl, r in zip(slots, req.tolist(), strict=True)
+                                        if r > self.cfg.request_threshold]
+            if status_bias:
+                st_logits = st_logits + torch.tensor(status_bias)
             st = st_logits.argmax(-1)
             for j, sl in enumerate(slots):
                 kind = STATUS[int(st[j])]
