@@ -178,6 +178,9 @@ def load_quantized(path: str | Path, skeleton: Callable[[Path], nn.Module] | Non
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise DataError(f"tensors {still_meta[:5]} were not found in {d}")
+    from core.quant.fused import fuse_gated_mlps
+
+    fuse_gated_mlps(model)
     return model.eval()
 
 

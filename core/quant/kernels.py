@@ -348,6 +348,17 @@ static int scratch(int64_t n) {
 }
 
 #define NR 4  /* output rows per step: the activation loads are shared by NR weight rows */
+/* Software prefetch into L2, PF_DIST bytes ahead in the weight stream. Decode weights come from DRAM
+   and a tile of NR short rows is several short streams that the hardware prefetcher does not keep
+   far enough ahead: on the 2-core AVX-512 VM, weights streamed through the integer-dot kernels at
+   ~8 GB/s without it and ~19 GB/s with it (T1, 8 KiB ahead; into L1 (T0) or 2-4 KiB ahead: ~9-12). */
+#ifndef PF_DIST
+#define PF_DIST 8192
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
+#define PF(p) _mm_prefetch((const char*)(p) + PF_DIST, PF_HINT)
 #if !defined(NR4) && defined(INT_DOT_VNNI) && defined(NR4_VNNI)
 #define NR4 NR4_VNNI
 #endif
@@ -372,9 +383,11 @@ static inline __attribute__((always_inline)) void w8q_rows(const int8_t* xr, con
       for (int r = 0; r < R; r++) is[r] = _mm512_setzero_si512();
       for (int j = 0; j < B; j += 64) {
         __m512i xv = _mm512_loadu_si512((const void*)(xr + b * B + j));
-        for (int r = 0; r < R; r++)
-          is[r] = _mm512_dpbusd_epi32(is[r], _mm512_xor_si512(
-              _mm512_loadu_si512((const void*)(w + (int64_t)r * K + b * B + j)), flip), xv);
+        for (int r = 0; r < R; r++) {
+          const int8_t* wp = w + (int64_t)r * K + b * B + j;
+          PF(wp);
+          is[r] = _mm512_dpbusd_epi32(is[r], _mm512_xor_si512(_mm512_loadu_si512((const void*)wp), flip), xv);
+        }
       }
       const __m512 dv = _mm512_set1_ps(dr[b]);
       for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), dv, acc[r]);
@@ -395,6 +408,7 @@ static inline __attribute__((always_inline)) void w8q_rows(const int8_t* xr, con
     for (int j = 0; j < B; j += 32) {
       __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + b * B + j));
       for (int r = 0; r < R; r++) {
+        if (!(j & 63)) PF(w + (int64_t)r * K + b * B + j);
         __m256i wv = _mm256_loadu_si256((const __m256i*)(w + (int64_t)r * K + b * B + j));
         __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
         is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(p, one16));
@@ -444,6 +458,38 @@ int w8q_mm(const float* x, const int8_t* w, const float* s, const float* bias, f
   return 0;
 }
 
+/* The int8 gated-MLP first half: y = silu(x Wg^T * sg + bg) * (x Wu^T * su + bu), one activation quantization */
+int w8q_gu_mm(const float* x, const int8_t* wg, const float* sg, const float* bg, const int8_t* wu, const float* su,
+              const float* bu, float* y, int M, int N, int K, int B, int nth) {
+  if (scratch((int64_t)M * K)) return -1;
+  int8_t* xq = tl_xq;
+  float* d = tl_d;
+  float* xs = tl_d + (int64_t)M * (K / B) + 8;
+  q8_rows(x, xq, d, xs, M, K, B);
+  int nb = K / B, nq = (N + NR - 1) / NR;
+  #pragma omp parallel for num_threads(nth) schedule(static)
+  for (int t = 0; t < nq; t++) {
+    int n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
+    for (int m = 0; m < M; m++) {
+      float og[NR], ou[NR];
+      const int8_t* xr = xq + (int64_t)m * K;
+      const float *dr = d + (int64_t)m * nb, *xsr = xs + (int64_t)m * nb;
+      if (nr == NR) {
+        w8q_rows(xr, dr, xsr, wg + (int64_t)n0 * K, K, B, NR, og);
+        w8q_rows(xr, dr, xsr, wu + (int64_t)n0 * K, K, B, NR, ou);
+      } else for (int r = 0; r < nr; r++) {
+        w8q_rows(xr, dr, xsr, wg + (int64_t)(n0 + r) * K, K, B, 1, og + r);
+        w8q_rows(xr, dr, xsr, wu + (int64_t)(n0 + r) * K, K, B, 1, ou + r);
+      }
+      for (int r = 0; r < nr; r++) {
+        float g = og[r] * sg[n0 + r] + (bg ? bg[n0 + r] : 0.f), u = ou[r] * su[n0 + r] + (bu ? bu[n0 + r] : 0.f);
+        y[(int64_t)m * N + n0 + r] = g / (1.f + expf(-g)) * u;
+      }
+    }
+  }
+  return 0;
+}
+
 /* R rows of packed int4 (row stride K/2 bytes, ng = K/G groups) times one quantized activation row. */
 static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, const int8_t* xp, const float* dr,
                                                           const float* xsr, const uint8_t* w, const uint16_t* sc,
@@ -478,6 +524,7 @@ static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, con
       }
       __m512i xl = _mm512_loadu_si512((const void*)(xp + g * 64)), xh = _mm512_loadu_si512((const void*)(xp + g * 64 + 64));
       for (int r = 0; r < R; r++) {
+        PF(w + r * rb + g * 32);
         __m512i b = _mm512_loadu_si512((const void*)(w + r * rb + g * 32));
         __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
         __m512i is = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
@@ -511,6 +558,7 @@ static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, con
         __m512i xl = _mm512_loadu_si512((const void*)(xr + g * G + j));
         __m512i xh = _mm512_loadu_si512((const void*)(xr + g * G + h + j));
         for (int r = 0; r < R; r++) {
+          PF(w + r * rb + g * h + j);
           __m512i b = _mm512_loadu_si512((const void*)(w + r * rb + g * h + j));
           __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
           is[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(is[r], lo, xl), hi, xh);
@@ -547,6 +595,7 @@ static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, con
         __m256i xl = _mm256_loadu_si256((const __m256i*)(xr + g * G + j));
         __m256i xh = _mm256_loadu_si256((const __m256i*)(xr + g * G + h + j));
         for (int r = 0; r < R; r++) {
+          if (!((g * h + j) & 63)) PF(w + r * rb + g * h + j);
           __m256i b = _mm256_loadu_si256((const __m256i*)(w + r * rb + g * h + j));
           __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
           __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
@@ -566,6 +615,7 @@ static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, con
       __m128i xh = _mm_loadu_si128((const __m128i*)(xr + g * 32 + 16));
       const float dg = dr[g];
       for (int r = 0; r < R; r++) {
+        if (!(g & 3)) PF(w + r * rb + g * 16);
         __m128i b = _mm_loadu_si128((const __m128i*)(w + r * rb + g * 16));
         __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
         __m128i p = _mm_add_epi16(_mm_maddubs_epi16(lo, xl), _mm_maddubs_epi16(hi, xh));
@@ -609,17 +659,19 @@ static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, con
 }
 
 /* y = x W^T (+ bias) with W int4 (packed (N, K/2), sc/mn fp16 (N, K/G)), x quantized to int8 per group */
-int w4q_mm(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, const float* bias, float* y,
-           int M, int N, int K, int G, int nth) {
+/* The activation side of one int4 call: rows quantized per group (q8_rows) and, for the VNNI G = 64
+   kernel, the copy with group pairs interleaved ([g lo | g+1 lo | g hi | g+1 hi], 32 bytes each). */
+typedef struct { const int8_t* xq; const int8_t* xp; const float* d; const float* xs; } qact;
+static int q4_prep(const float* x, int M, int K, int G, qact* a) {
   if (scratch((int64_t)M * K)) return -1;
   int8_t* xq = tl_xq;
   float* d = tl_d;
   float* xs = tl_d + (int64_t)M * (K / G) + 8;
   q8_rows(x, xq, d, xs, M, K, G);
-  int ng = K / G, nq = (N + NR4 - 1) / NR4;
-  const int8_t* xp = 0;
+  a->xq = xq; a->d = d; a->xs = xs; a->xp = 0;
 #ifdef INT_DOT_VNNI
-  if (G == 64) {  /* group pairs interleaved: [g lo | g+1 lo | g hi | g+1 hi], 32 bytes each */
+  if (G == 64) {
+    int ng = K / G;
     int8_t* pp = tl_xq + (int64_t)M * K + 64;
     for (int m = 0; m < M; m++)
       for (int g = 0; g + 2 <= ng; g += 2) {
@@ -628,29 +680,70 @@ int w4q_mm(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t*
         memcpy(dst, src, 32); memcpy(dst + 32, src + 64, 32);
         memcpy(dst + 64, src + 32, 32); memcpy(dst + 96, src + 96, 32);
       }
-    xp = pp;
+    a->xp = pp;
   }
 #endif
+  return 0;
+}
+
+/* out[0..nr) = rows n0..n0+nr of W (int4) times activation row m (no bias) */
+static inline __attribute__((always_inline)) void w4q_tile(const qact* a, int m, const uint8_t* w, const uint16_t* sc,
+                                                          const uint16_t* mn, int n0, int nr, int K, int G, float* out) {
+  int ng = K / G;
+  const uint8_t* wq = w + (int64_t)n0 * (K / 2);
+  const uint16_t* scq = sc + (int64_t)n0 * ng;
+  const uint16_t* mnq = mn + (int64_t)n0 * ng;
+  const int8_t* xr = a->xq + (int64_t)m * K;
+  const float* dr = a->d + (int64_t)m * ng;
+  const float* xsr = a->xs + (int64_t)m * ng;
+  const int8_t* xpr = a->xp ? a->xp + (int64_t)m * K : 0;
+  if (nr == NR4) w4q_rows(xr, xpr, dr, xsr, wq, scq, mnq, K, G, NR4, out);
+  else for (int r = 0; r < nr; r++)
+    w4q_rows(xr, xpr, dr, xsr, wq + (int64_t)r * (K / 2), scq + (int64_t)r * ng, mnq + (int64_t)r * ng, K, G, 1, out + r);
+}
+
+/* y = x W^T (+ bias) with W int4 (packed (N, K/2), sc/mn fp16 (N, K/G)), x quantized to int8 per group */
+int w4q_mm(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, const float* bias, float* y,
+           int M, int N, int K, int G, int nth) {
+  qact a;
+  if (q4_prep(x, M, K, G, &a)) return -1;
+  int nq = (N + NR4 - 1) / NR4;
   #pragma omp parallel for num_threads(nth) schedule(static)
   for (int t = 0; t < nq; t++) {
     int n0 = t * NR4, nr = N - n0 < NR4 ? N - n0 : NR4;
-    const uint8_t* wq = w + (int64_t)n0 * (K / 2);
-    const uint16_t* scq = sc + (int64_t)n0 * ng;
-    const uint16_t* mnq = mn + (int64_t)n0 * ng;
     for (int m = 0; m < M; m++) {
       float out[NR4];
-      const int8_t* xr = xq + (int64_t)m * K;
-      const float* dr = d + (int64_t)m * ng;
-      const float* xsr = xs + (int64_t)m * ng;
-      const int8_t* xpr = xp ? xp + (int64_t)m * K : 0;
-      if (nr == NR4) w4q_rows(xr, xpr, dr, xsr, wq, scq, mnq, K, G, NR4, out);
-      else for (int r = 0; r < nr; r++)
-        w4q_rows(xr, xpr, dr, xsr, wq + (int64_t)r * (K / 2), scq + (int64_t)r * ng, mnq + (int64_t)r * ng, K, G, 1, out + r);
+      w4q_tile(&a, m, w, sc, mn, n0, nr, K, G, out);
       for (int r = 0; r < nr; r++) y[(int64_t)m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.f);
     }
   }
   return 0;
 }
+
+static inline float silu1(float v) { return v / (1.f + expf(-v)); }
+
+/* A gated MLP's first half in one call: y = silu(x Wg^T + bg) * (x Wu^T + bu), both int4 with the same
+   (N, K, G): one activation quantization, one call, no intermediate tensors. */
+int w4q_gu_mm(const float* x, const uint8_t* wg, const uint16_t* scg, const uint16_t* mng, const float* bg,
+              const uint8_t* wu, const uint16_t* scu, const uint16_t* mnu, const float* bu, float* y,
+              int M, int N, int K, int G, int nth) {
+  qact a;
+  if (q4_prep(x, M, K, G, &a)) return -1;
+  int nq = (N + NR4 - 1) / NR4;
+  #pragma omp parallel for num_threads(nth) schedule(static)
+  for (int t = 0; t < nq; t++) {
+    int n0 = t * NR4, nr = N - n0 < NR4 ? N - n0 : NR4;
+    for (int m = 0; m < M; m++) {
+      float og[NR4], ou[NR4];
+      w4q_tile(&a, m, wg, scg, mng, n0, nr, K, G, og);
+      w4q_tile(&a, m, wu, scu, mnu, n0, nr, K, G, ou);
+      for (int r = 0; r < nr; r++)
+        y[(int64_t)m * N + n0 + r] = silu1(og[r] + (bg ? bg[n0 + r] : 0.f)) * (ou[r] + (bu ? bu[n0 + r] : 0.f));
+    }
+  }
+  return 0;
+}
+
 /* The same calls with the weight-side arguments in one struct built once per layer (bind_decode): a
    ctypes call costs ~0.15 us per argument, and a decoded token makes ~80 of them. */
 typedef struct { const void* w; const void* s; const void* mn; const float* bias; int N, K, G, pad; } qctx;
@@ -659,6 +752,15 @@ int w8q_call(const float* x, float* y, int M, int nth, const qctx* c) {
 }
 int w4q_call(const float* x, float* y, int M, int nth, const qctx* c) {
   return w4q_mm(x, (const uint8_t*)c->w, (const uint16_t*)c->s, (const uint16_t*)c->mn, c->bias, y, M, c->N, c->K, c->G, nth);
+}
+/* gate + up of one gated MLP (two bound layers of the same shape and format) */
+int w8q_gu_call(const float* x, float* y, int M, int nth, const qctx* g, const qctx* u) {
+  return w8q_gu_mm(x, (const int8_t*)g->w, (const float*)g->s, g->bias, (const int8_t*)u->w, (const float*)u->s, u->bias,
+                   y, M, g->N, g->K, g->G, nth);
+}
+int w4q_gu_call(const float* x, float* y, int M, int nth, const qctx* g, const qctx* u) {
+  return w4q_gu_mm(x, (const uint8_t*)g->w, (const uint16_t*)g->s, (const uint16_t*)g->mn, g->bias,
+                   (const uint8_t*)u->w, (const uint16_t*)u->s, (const uint16_t*)u->mn, u->bias, y, M, g->N, g->K, g->G, nth);
 }
 """
 
@@ -733,6 +835,13 @@ def _build(march: str = "native") -> ctypes.CDLL:
     for f in (lib.w8q_call, lib.w4q_call):
         f.argtypes = [P, P, Ci, Ci, ctypes.POINTER(_QCtx)]
         f.restype = Ci
+    for f in (lib.w8q_gu_call, lib.w4q_gu_call):
+        f.argtypes = [P, P, Ci, Ci, ctypes.POINTER(_QCtx), ctypes.POINTER(_QCtx)]
+        f.restype = Ci
+    lib.w8q_gu_mm.argtypes = [P, P, P, P, P, P, P, P, Ci, Ci, Ci, Ci, Ci]
+    lib.w8q_gu_mm.restype = Ci
+    lib.w4q_gu_mm.argtypes = [P, P, P, P, P, P, P, P, P, P, Ci, Ci, Ci, Ci, Ci]
+    lib.w4q_gu_mm.restype = Ci
     return lib
 
 
@@ -894,6 +1003,37 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minv
 
 
 
+def _bind_ctx(lib: ctypes.CDLL, bits: int, q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor | None,
+              group_size: int, bias: torch.Tensor | None) -> tuple[ctypes._Pointer, int, int] | None:
+    """(the C ``qctx`` of one quantized Linear, N, K), or None when the integer-dot kernel can never take it."""
+    ts = [t for t in (q, scale, minv, bias) if t is not None]
+    if (any(t.device.type != "cpu" or not t.is_contiguous() for t in ts)
+            or (bias is not None and bias.dtype != torch.float32)):
+        return None
+    N, pb = q.shape[0], _ptr(bias)
+    if bits == 8:
+        K = q.shape[1]
+        B = act_block(K)
+        if not B or q.dtype != torch.int8 or scale.dtype != torch.float32:
+            return None
+        return ctypes.pointer(_QCtx(q.data_ptr(), scale.data_ptr(), None, pb, N, K, B, 0)), N, K
+    if minv is None or q.dtype != torch.uint8 or scale.dtype != torch.float16 or minv.dtype != torch.float16:
+        return None
+    K, G = q.shape[1] * 2, group_size
+    if G % 32 or K % G:
+        return None
+    return ctypes.pointer(_QCtx(q.data_ptr(), scale.data_ptr(), minv.data_ptr(), pb, N, K, G, 0)), N, K
+
+
+def _decode_rows(x: torch.Tensor, K: int) -> int:
+    """Rows of x when this call is one for the integer-dot kernels, else 0."""
+    if (x.dtype != torch.float32 or x.shape[-1] != K or not _act_quant or _backend_override == "dequant"
+            or x.requires_grad or not x.is_cpu):
+        return 0
+    M = x.numel() // K
+    return M if M <= _row_threshold else 0
+
+
 def bind_decode(bits: int, q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor | None, group_size: int,
                 bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
     """The integer-dot kernel call of one quantized Linear with its weight-side arguments (pointers,
@@ -908,57 +1048,57 @@ def bind_decode(bits: int, q: torch.Tensor, scale: torch.Tensor, minv: torch.Ten
     pointers stay valid only while the caller holds these same tensors unchanged in place (the
     caller keys its cache on them)."""
     lib = c_library()
-    ts = [t for t in (q, scale, minv, bias) if t is not None]
-    if (lib is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in ts)
-            or (bias is not None and bias.dtype != torch.float32)):
+    bound = None if lib is None else _bind_ctx(lib, bits, q, scale, minv, group_size, bias)
+    if bound is None:
         return None
-    N = q.shape[0]
-    pb = _ptr(bias)
+    ctx, N, K = bound
+    fn = lib.w8q_call if bits == 8 else lib.w4q_call
     f32 = torch.float32
-    if bits == 8:
-        K = q.shape[1]
-        B = act_block(K)
-        if not B or q.dtype != torch.int8 or scale.dtype != f32:
-            return None
-        fn8, ctx8 = lib.w8q_call, ctypes.pointer(_QCtx(q.data_ptr(), scale.data_ptr(), None, pb, N, K, B, 0))
 
-        def run8(x: torch.Tensor) -> torch.Tensor | None:
-            if (x.dtype != f32 or x.shape[-1] != K or not _act_quant or _backend_override == "dequant"
-                    or x.requires_grad or not x.is_cpu):
-                return None
-            M = x.numel() // K
-            if M > _row_threshold or M == 0:
-                return None
-            if not x.is_contiguous():
-                x = x.contiguous()
-            y = torch.empty(*x.shape[:-1], N, dtype=f32)
-            if fn8(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), ctx8) != 0:
-                return None
-            return y
-
-        return run8
-    if minv is None or q.dtype != torch.uint8 or scale.dtype != torch.float16 or minv.dtype != torch.float16:
-        return None
-    K, G = q.shape[1] * 2, group_size
-    if G % 32 or K % G:
-        return None
-    fn4, ctx4 = lib.w4q_call, ctypes.pointer(_QCtx(q.data_ptr(), scale.data_ptr(), minv.data_ptr(), pb, N, K, G, 0))
-
-    def run4(x: torch.Tensor) -> torch.Tensor | None:
-        if (x.dtype != f32 or x.shape[-1] != K or not _act_quant or _backend_override == "dequant"
-                or x.requires_grad or not x.is_cpu):
-            return None
-        M = x.numel() // K
-        if M > _row_threshold or M == 0:
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        M = _decode_rows(x, K)
+        if not M:
             return None
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty(*x.shape[:-1], N, dtype=f32)
-        if fn4(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), ctx4) != 0:
+        if fn(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), ctx) != 0:
             return None
         return y
 
-    return run4
+    return run
+
+
+def bind_gate_up(bits: int, gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                 up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                 group_size: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """``run(x)`` = silu(gate(x)) * up(x) of a gated MLP in one kernel call (``gate`` / ``up`` = the
+    (qweight, scale, minv, bias) of two quantized Linears of the same shape and format): the activation
+    row is quantized once and no intermediate tensor is made. None results / returns as in
+    :func:`bind_decode` (the caller then runs the two Linears)."""
+    lib = c_library()
+    if lib is None:
+        return None
+    bg = _bind_ctx(lib, bits, *gate[:3], group_size, gate[3])
+    bu = _bind_ctx(lib, bits, *up[:3], group_size, up[3])
+    if bg is None or bu is None or bg[1:] != bu[1:] or gate[0].shape != up[0].shape:
+        return None
+    (cg, N, K), cu = bg, bu[0]
+    fn = lib.w8q_gu_call if bits == 8 else lib.w4q_gu_call
+    f32 = torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        M = _decode_rows(x, K)
+        if not M:
+            return None
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], N, dtype=f32)
+        if fn(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), cg, cu) != 0:
+            return None
+        return y
+
+    return run
 
 # ---------------------------------------------------------------------------------------------------
 # Measurement: which path is fastest for a decode-shaped matmul on this machine

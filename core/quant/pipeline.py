@@ -145,4 +145,7 @@ def quantize_model(model: nn.Module, bits: BitsMode, *, group_size: int = 64, me
     report.linear_bytes = plan_bytes(shapes, plan) + sum(4 * shapes[n].in_features for n in input_scales)
     if embeddings_int8:
         report.embeddings_int8 = quantize_embeddings(model)
+    from core.quant.fused import fuse_gated_mlps
+
+    fuse_gated_mlps(model)  # gate + up of each quantized MLP in one decode call
     return report
