@@ -38,7 +38,7 @@ def continual_eval(
     validation: Annotated[bool, typer.Option(help="Score on a seeded 20 % slice of each task's training data "
                                              "(trained on the rest), never on the eval sets: for tuning.")] = False,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
-                                                   "empirical_per_sample | true | kfac.")] = None,
+                                                   "empirical_per_sample | true | kfac (also for the +replay combinations).")] = None,
 ) -> None:
     """Train the benchmark's tasks in sequence with METHOD; report R[i][j], forgetting, transfer, and the
     naive and joint references from the same run."""
@@ -68,6 +68,7 @@ def continual_eval(
         if ewc_fisher not in ("empirical", "empirical_per_sample", "true", "kfac"):
             raise ConfigError(f"unknown EWC Fisher {ewc_fisher!r}; choose empirical, empirical_per_sample, true or kfac")
         bench.ewc_fisher = ewc_fisher
+        bench.replay_ewc_fisher = None  # the combinations too
     if epochs is not None:
         bench.epochs = epochs
     if ewc_lambda is not None:  # overrides the combinations' lambda too

@@ -174,8 +174,8 @@ class EWC(TrainerHook):
         if normalize not in ("none", "max", "mean"):
             raise ConfigError(f"EWC normalize must be 'none', 'max' or 'mean', not {normalize!r}")
         self.temperature, self.normalize, self.kfac_tol = float(temperature), normalize, float(kfac_tol)
-        # KFAC: per past task, per layer (U_G, s_G, U_A, s_A, anchor [W | b]) in the factors' eigenbases.
-        self._kfac: list[dict[str, tuple[torch.Tensor, ...]]] = []
+        # KFAC, per layer: (every task's stacked U_A, per task (U_G, s_G s_A^T, U_G^T [W* | b*] U_A, cols)).
+        self._kfac: dict[str, tuple[torch.Tensor, list[tuple[Any, ...]]]] = {}
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
         self.fisher_samples = fisher_samples
         self.consolidate_at_task_end = consolidate_at_task_end
@@ -361,6 +361,7 @@ class EWC(TrainerHook):
     def _rebuild(self) -> None:
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
+        self._kfac = {}
         if self.fisher_kind == "kfac":
             self._kfac_rebuild()
             return
@@ -473,10 +474,11 @@ class EWC(TrainerHook):
         return factors
 
     def _kfac_rebuild(self) -> None:
-        """Eigendecompose every task's factors once; keep eigenvalues >= kfac_tol * the largest."""
-        self._kfac = []
+        """Eigendecompose every task's factors once; keep eigenvalues >= kfac_tol * the largest. Per
+        layer the kept input-side eigenvectors of all tasks are stacked into one matrix, so a step
+        projects the weights onto every task's basis with one matmul."""
+        per_layer: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         for t, fs in self.fishers.items():
-            term: dict[str, tuple[torch.Tensor, ...]] = {}
             for key in fs:
                 if not key.endswith("#A"):
                     continue
@@ -484,15 +486,22 @@ class EWC(TrainerHook):
                 parts = []
                 for f in (fs[f"{layer}#G"], fs[key]):
                     s, u = torch.linalg.eigh(f.double())
-                    keep = s >= max(self.kfac_tol * float(s.max()), 0.0) if float(s.max()) > 0 else s > 0
+                    top = float(s.max())
+                    keep = s >= self.kfac_tol * top if top > 0 else s > 0
                     parts += [u[:, keep].float().contiguous(), s[keep].clamp_min(0.0).float()]
                 u_g, s_g, u_a, s_a = parts
                 w = self.anchors[t][f"{layer}.weight"]
                 b = self.anchors[t].get(f"{layer}.bias")
                 anchor = torch.cat([w, b[:, None]], dim=1) if b is not None else w
                 # the anchor in the eigenbases, so a step only projects the current weights
-                term[layer] = (u_g, s_g[:, None] * s_a[None, :], u_a, u_g.T @ anchor @ u_a)
-            self._kfac.append(term)
+                per_layer.setdefault(layer, []).append(
+                    (u_g, s_g[:, None] * s_a[None, :], u_a, u_g.T @ (anchor @ u_a)))
+        self._kfac = {}
+        for layer, terms in per_layer.items():
+            u_a_all = torch.cat([u_a for _, _, u_a, _ in terms], dim=1)  # (in, sum r_A)
+            cuts = torch.tensor([0] + [u_a.shape[1] for _, _, u_a, _ in terms]).cumsum(0).tolist()
+            self._kfac[layer] = (u_a_all, [(u_g, scale, center, cuts[k], cuts[k + 1])
+                                           for k, (u_g, scale, _, center) in enumerate(terms)])
 
     @staticmethod
     def _kfac_weight(named: dict[str, nn.Parameter], layer: str) -> torch.Tensor:
@@ -502,36 +511,42 @@ class EWC(TrainerHook):
         b = named.get(f"{layer}.bias")
         return torch.cat([w, b[:, None]], dim=1) if b is not None else w
 
+    def _kfac_to(self, layer: str, device: torch.device) -> tuple[torch.Tensor, list[tuple[Any, ...]]]:
+        u_a_all, terms = self._kfac[layer]
+        if u_a_all.device != device:  # first use after load / device move
+            terms = [(u.to(device), s.to(device), c.to(device), lo, hi) for u, s, c, lo, hi in terms]
+            self._kfac[layer] = u_a_all, terms = u_a_all.to(device), terms
+        return u_a_all, terms
+
     def _kfac_penalty(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         """``lambda/2 * sum_t sum_layers tr(dW^T G dW A)`` (truncated eigenbases), differentiable."""
         named = dict(model.named_parameters())
         total = torch.zeros((), device=device)
-        for term in self._kfac:
-            for layer, (u_g, scale, u_a, center) in term.items():
-                wb = self._kfac_weight(named, layer)
-                d = u_g.to(wb.device).T @ wb @ u_a.to(wb.device) - center.to(wb.device)
-                total = total + (scale.to(wb.device) * d.square()).sum()
+        for layer in self._kfac:
+            wb = self._kfac_weight(named, layer)
+            u_a_all, terms = self._kfac_to(layer, wb.device)
+            proj = wb @ u_a_all  # (out, sum r_A)
+            for u_g, scale, center, lo, hi in terms:
+                d = u_g.T @ proj[:, lo:hi] - center  # U_G^T (W - W*) U_A
+                total = total + (scale * d.square()).sum()
         return 0.5 * self.lam * total
 
     @torch.no_grad()
     def _kfac_add_grad(self, model: nn.Module) -> None:
-        """``.grad += lambda * sum_t G_t (W - W*_t) A_t`` per covered layer, in the truncated eigenbases."""
+        """``.grad += lambda * sum_t G_t (W - W*_t) A_t`` per covered layer, in the truncated eigenbases:
+        ``U_G (S * U_G^T (W - W*) U_A) U_A^T``, two big matmuls per layer whatever the number of tasks."""
         named = dict(model.named_parameters())
-        layers = {layer for term in self._kfac for layer in term}
-        for layer in sorted(layers):
+        for layer in self._kfac:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
                 continue
             wb = self._kfac_weight(named, layer)
-            grad = torch.zeros_like(wb)
-            for term in self._kfac:
-                if layer not in term:
-                    continue
-                u_g, scale, u_a, center = term[layer]
-                if u_g.device != wb.device:
-                    u_g, scale, u_a, center = (t.to(wb.device) for t in (u_g, scale, u_a, center))
-                d = torch.addmm(center, u_g.T @ wb, u_a, alpha=1.0, beta=-1.0)  # U_G^T dW U_A
-                grad.addmm_(u_g @ d.mul_(scale), u_a.T)
+            u_a_all, terms = self._kfac_to(layer, wb.device)
+            proj = wb @ u_a_all  # (out, sum r_A)
+            for u_g, scale, center, lo, hi in terms:
+                d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale)
+                proj[:, lo:hi] = u_g @ d
+            grad = proj @ u_a_all.T  # (out, in [+1])
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
             w.grad.add_(grad[:, : w.shape[1]], alpha=self.lam)

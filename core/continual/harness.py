@@ -127,10 +127,14 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
     base = method.removesuffix("+replay")
     if base in ("ewc", "online-ewc"):
         lam = bench.ewc_lambda
-        if method.endswith("+replay") and bench.replay_ewc_lambda is not None:
-            lam = bench.replay_ewc_lambda
-        out.update(ewc_lambda=lam, ewc_fisher=bench.ewc_fisher, ewc_apply=bench.ewc_apply,
+        fisher = bench.ewc_fisher
+        if method.endswith("+replay"):
+            lam = lam if bench.replay_ewc_lambda is None else bench.replay_ewc_lambda
+            fisher = bench.replay_ewc_fisher or fisher
+        out.update(ewc_lambda=lam, ewc_fisher=fisher, ewc_apply=bench.ewc_apply,
                    ewc_params=bench.ewc_params)
+        if fisher == "kfac":
+            out["ewc_kfac_tol"] = bench.ewc_kfac_tol
         if base == "online-ewc":
             out["online_decay"] = bench.online_decay
     if method == "replay" or method.endswith("+replay"):
@@ -143,18 +147,21 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
     if method.endswith("+replay"):  # a combination: the EWC penalty and rehearsal of a reservoir
         lam = bench.ewc_lambda if bench.replay_ewc_lambda is None else bench.replay_ewc_lambda
-        return (_hooks(dataclasses.replace(bench, ewc_lambda=lam), method.removesuffix("+replay"), seed)
+        fisher = bench.replay_ewc_fisher or bench.ewc_fisher
+        return (_hooks(dataclasses.replace(bench, ewc_lambda=lam, ewc_fisher=fisher), method.removesuffix("+replay"), seed)
                 + _hooks(bench, "replay", seed))
     if method == "ewc":
         return [EWC(bench.ewc_lambda, mode="separate", fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
-                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize)]  # type: ignore[arg-type]
+                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize,  # type: ignore[arg-type]
+                    kfac_tol=bench.ewc_kfac_tol)]  # type: ignore[arg-type]
     if method == "online-ewc":
         return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
-                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize)]  # type: ignore[arg-type]
+                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize,  # type: ignore[arg-type]
+                    kfac_tol=bench.ewc_kfac_tol)]  # type: ignore[arg-type]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
     return []
@@ -240,7 +247,7 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     model = bench.make_model().to(device)
     fisher = bench.ewc_fisher
     ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,  # type: ignore[arg-type]
-              fisher=fisher, output_fn=output_fn,  # type: ignore[arg-type]
+              fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
               consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
     for task in bench.tasks:
         ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
@@ -248,7 +255,7 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     hooks: dict[str, list[TrainerHook]] = {"plain": []}
     for apply in applies:
         h = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply=apply,  # type: ignore[arg-type]
-                fisher=fisher, output_fn=output_fn,  # type: ignore[arg-type]
+                fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
                 consolidate_at_task_end=False)
         h.load_state_dict(ewc.state_dict())
         hooks[apply] = [h]

@@ -87,7 +87,7 @@ def test_cli_continual_eval_prints_json_last(tmp_path: Path, tmp_home: Path, sma
 
     res = CliRunner().invoke(app, ["core", "continual-eval", "--benchmark", "permuted-digits", "--method",
                                    "online-ewc", "--tasks", "2", "--epochs", "1", "--json",
-                                   "--out", str(tmp_path)])
+                                   "--ewc-fisher", "empirical_per_sample", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["benchmark"] == "permuted-digits" and out["method"] == "online-ewc"
@@ -234,3 +234,34 @@ def test_ewc_plus_replay_combination_uses_both_hooks(method: str) -> None:
     b.make_model = lambda: benchmarks.MLP(64, 64, 10)
     r, _ = harness.train_sequence(b, method)
     assert len(r) == 2 and r[0][0] > 0.3  # trains (chance is 0.1)
+
+
+def test_validation_slice_comes_from_training_data_only() -> None:
+    b = benchmarks.permuted_digits(n_tasks=2)
+    v = benchmarks.validation(b)
+    for task, vt in zip(b.tasks, v.tasks, strict=True):
+        n = len(task.train[1])
+        assert len(vt.train[1]) + len(vt.eval[1]) == n
+        assert len(vt.eval[1]) == pytest.approx(0.2 * n, abs=1)
+        rows = {tuple(r.tolist()) for r in task.train[0]}
+        assert all(tuple(r.tolist()) in rows for r in vt.eval[0])  # every validation image is a training image
+        # stratified: every class in both parts
+        assert set(vt.eval[1].tolist()) == set(vt.train[1].tolist()) == set(range(10))
+    # permuted tasks share the slice (the same images): labels line up across tasks
+    assert torch.equal(v.tasks[0].eval[1], v.tasks[1].eval[1])
+    assert "VALIDATION" in v.notes["eval_set"] and b.tasks[0].eval[0] is not v.tasks[0].eval[0]
+
+
+def test_cli_validation_slice_with_kfac(tmp_path: Path, tmp_home: Path, small_cli: None) -> None:
+    from core.cli import app
+
+    res = CliRunner().invoke(app, ["core", "continual-eval", "--benchmark", "permuted-digits", "--method",
+                                   "ewc", "--tasks", "2", "--epochs", "1", "--json", "--validation",
+                                   "--ewc-fisher", "kfac", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["settings"]["ewc_fisher"] == "kfac" and "VALIDATION" in out["notes"]["eval_set"]
+    assert out["ewc_step_time_ratio"] > 0 and "ewc_loss_path_step_time_ratio" in out
+    assert "ewc_prox_step_time_ratio" not in out  # no proximal step for the Kronecker penalty
+    bad = CliRunner().invoke(app, ["core", "continual-eval", "--ewc-fisher", "fancy", "--json"])
+    assert bad.exit_code != 0
