@@ -620,12 +620,43 @@ def _mla_step(a: MLA, x: torch.Tensor, rot: torch.Tensor, rot_q: torch.Tensor, m
     w_uk, w_uv_t = a._absorbed_weights(scaled=True)
     qc = torch.cat([torch.matmul(q_nope, w_uk), torch.matmul(q_pe.unsqueeze(-2), rot_q).squeeze(-2)], dim=-1)
     kv = kvc[:, :S]
-    scores = torch.bmm(qc.view(B, H * T, r + dr), kv.transpose(1, 2))  # (B, H*T, S), already scaled
+    lib = (_scores_lib() if B == 1 and H * T <= SCORES_C_MAX_ROWS and kv.dtype == torch.float32
+           and kv.is_contiguous() else None)
+    if lib is not None:  # the cache rows are the weight rows of a (H*T)-row fp32 matmul (see _scores_lib)
+        scores = torch.empty(B, H * T, S, dtype=torch.float32)
+        qc = qc.contiguous()  # (cat's output already is); kept alive across the call
+        lib.f32_mm(qc.data_ptr(), kv.data_ptr(), None, scores.data_ptr(), H * T, S, r + dr,
+                   _kernels.kernel_threads())
+    else:
+        scores = torch.bmm(qc.view(B, H * T, r + dr), kv.transpose(1, 2))  # (B, H*T, S), already scaled
     if mask is not None:
         scores = scores.view(B, H, T, S).add_(mask).view(B, H * T, S)
     o = torch.bmm(torch.softmax(scores, dim=-1), kv[..., :r]).view(B, H, T, r)
     o = torch.matmul(o, w_uv_t)  # (B, H, T, dv)
     return linear(a.o_proj, o.transpose(1, 2).reshape(B, T, H * dv))
+
+
+# Decode attention scores (``_mla_step``, batch 1): q (H*T rows) times the latent cache (S rows of
+# r + d_rope), read cold once per layer per token (663 KB at a 576-token context in the bench config).
+# torch's bmm at 8 query rows ran at ~185 us/MB here; the kernel library's fp32 ``f32_mm`` (cache rows
+# as weight rows, 4 query rows per pass over a row held in L1) ~115 us/MB: -0.4 ms per decoded token
+# (11.6 -> 11.2, docs/BENCHMARKS.md). Above ``SCORES_C_MAX_ROWS`` query rows it was slower than bmm.
+# Per-head C matvecs for q_nope W_UK and o W_UV were tried too: no gain in a full decode step (16 more
+# ctypes calls per layer ate it). Off with ``FAST_MATVEC = False``, without the library, or when the
+# quant backend is forced to "dequant".
+SCORES_C_MAX_ROWS = 16
+_kernels: Any = None
+
+
+def _scores_lib() -> Any:
+    global _kernels
+    if _kernels is None:
+        from core.quant import kernels
+
+        _kernels = kernels
+    if not FAST_MATVEC or _kernels.active_backend() != "c":
+        return None
+    return _kernels.c_library()
 
 
 def _mlp_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

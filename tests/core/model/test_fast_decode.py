@@ -239,3 +239,37 @@ def test_fast_path_steps_aside_for_hooks_padding_and_autograd(monkeypatch: pytes
     cache = m.new_cache(1, 8)
     y = m(torch.tensor([[1, 2]]), cache=cache)  # grad mode, eval model: module path (differentiable)
     assert not taken and y.requires_grad
+
+
+def test_c_attention_scores_match_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps of 1-4 tokens take the C scores (q x latent cache rows) and agree with bmm."""
+    _need_kernel()
+    m = _mtp_model(**FAST_CFGS["q_lora+groups+scaling"])
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    chunks = [1, 4, 2, 1]
+    calls: list[tuple[int, int, int]] = []
+    real_lib = deepseek._scores_lib
+
+    class Counting:
+        def __init__(self, lib: object) -> None:
+            self.lib = lib
+
+        def f32_mm(self, *a: int) -> None:
+            calls.append(a[4:7])  # M, N, K
+            self.lib.f32_mm(*a)
+
+    monkeypatch.setattr(deepseek, "_scores_lib", lambda: Counting(real_lib()))
+    c_out, c_cache = _steps(m, ids, chunks)
+    H, width = m.args.num_attention_heads, m.args.kv_lora_rank + m.args.qk_rope_head_dim
+    n0 = ids.shape[1] - sum(chunks)
+    want = []
+    for i, c in enumerate(chunks):
+        want += [(H * c, n0 + sum(chunks[:i + 1]), width)] * m.args.num_hidden_layers
+    assert calls == want  # every layer of every step: H*T query rows, S cache rows of r + d_rope
+    monkeypatch.setattr(deepseek, "SCORES_C_MAX_ROWS", 0)  # bmm everywhere
+    b_out, b_cache = _steps(m, ids, chunks)
+    assert len(calls) == len(want)
+    for a, b in zip(c_out, b_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(c_cache.kv, b_cache.kv, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
