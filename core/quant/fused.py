@@ -50,7 +50,8 @@ class QuantGatedMLP(MLP):
             gb, ub = g._buffers, u._buffers
             run = bind_gate_up(g.spec.bits, (gb["qweight"], gb["scale"], gb.get("minv"), gb["bias"]),
                                (ub["qweight"], ub["scale"], ub.get("minv"), ub["bias"]), g.spec.group_size)
-        fast = (g, u, _buffers_key(g, u), run)
+        bufs = (*g._buffers.values(), *u._buffers.values())  # kept alive: their ids stay unique while cached
+        fast = (g, u, _buffers_key(g, u), run, bufs)
         self.__dict__["_gate_up"] = fast
         return fast
 
@@ -64,17 +65,16 @@ _NAMES = ("qweight", "scale", "minv", "bias", "input_scale")
 
 
 def _buffers_key(g: nn.Module, u: nn.Module) -> tuple:
-    """The buffers the bound call reads, and the weights' addresses (rebound when one is replaced or moved)."""
+    """ids of the buffers the bound call reads, and the weights' addresses: rebound when one is replaced
+    or moved. (The cache entry holds the modules, whose buffers it binds, alive while it is current; a
+    replaced buffer changes its id in the module's dict.)"""
     gb, ub = g._buffers, u._buffers
-    return (*(gb.get(n) for n in _NAMES), *(ub.get(n) for n in _NAMES), gb["qweight"].data_ptr(),
+    return (*map(id, map(gb.get, _NAMES)), *map(id, map(ub.get, _NAMES)), gb["qweight"].data_ptr(),
             ub["qweight"].data_ptr())
 
 
 def _same_buffers(key: tuple, g: nn.Module, u: nn.Module) -> bool:
-    gb, ub = g._buffers, u._buffers
-    return (all(key[i] is gb.get(n) for i, n in enumerate(_NAMES))
-            and all(key[5 + i] is ub.get(n) for i, n in enumerate(_NAMES))
-            and key[10] == gb["qweight"].data_ptr() and key[11] == ub["qweight"].data_ptr())
+    return key == _buffers_key(g, u)
 
 
 def fuse_gated_mlps(model: nn.Module) -> int:
