@@ -73,7 +73,7 @@ class Benchmark:
     ewc_apply: str = "grad"  # ApplyMode of core.continual.ewc
     ewc_temperature: float = 1.0  # softmax temperature of the sampled ("true") Fisher
     ewc_normalize: str = "none"  # FisherNorm of core.continual.ewc: "none", "max" or "mean" per task
-    ewc_kfac_tol: float = 1e-4  # eigenvalue cut-off of fisher="kfac" (relative to each factor's largest)
+    ewc_kfac_tol: float = 1e-3  # eigenvalue cut-off of fisher="kfac" (relative to each factor's largest)
     replay_ewc_lambda: float | None = None  # lambda of the ewc+replay combinations (None: ewc_lambda)
     replay_ewc_fisher: str | None = None  # Fisher of the ewc+replay combinations (None: ewc_fisher)
     notes: dict[str, str] = field(default_factory=dict)
@@ -162,12 +162,16 @@ def permuted_digits(n_tasks: int = 10, seed: int = 0) -> Benchmark:
         # training data (5 tasks); naive, joint, replay and LoRA use the same network.
         make_model=lambda: MLP(64, 1000, 10, dropout=0.5),
         epochs=20, lr=1e-3, batch_size=64,
-        ewc_lambda=20000.0, online_decay=1.0, ewc_params=None,
+        # EWC: Kronecker-factored Fisher (fisher="kfac", eigenvalues >= 1e-3 of the largest), lambda 2e3.
+        # On the validation slice (10 tasks, seed 1): 0.890, forgetting 0.035 (the diagonal per-sample
+        # Fisher at lambda 2e4: 0.754, forgetting 0.148); KFAC lambda 2e4 too stiff (tasks 4-5 learned
+        # to 0.72 / 0.68), lambda 500 forgot task 0 (0.64 after 7 tasks).
+        ewc_lambda=2000.0, online_decay=1.0, ewc_params=None, ewc_fisher="kfac", ewc_kfac_tol=1e-3,
         lora_targets=["fc1", "fc2", "fc3"], lora_rank=16, head_pattern=None,
         replay_capacity=200,
         # With rehearsal the penalty needs less weight: on the same validation slice (10 tasks, seed 1)
-        # online EWC + replay with lambda 2e3 / 5e3 / 2e4 gave 0.891 / 0.907 / 0.899.
-        replay_ewc_lambda=5000.0,
+        # online EWC (diagonal per-sample Fisher) + replay with lambda 2e3 / 5e3 / 2e4 gave 0.891 / 0.907 / 0.899.
+        replay_ewc_lambda=5000.0, replay_ewc_fisher="empirical_per_sample",
         notes={"eval_set": "fixed stratified 20% of load_digits (seed 0), same images in every task",
                "model": "MLP 64-1000-1000-10, ReLU, dropout 0.5 (was 64-512-512-10 without dropout)",
                "permutations": f"task 0 identity, tasks 1..{n_tasks - 1} numpy default_rng({seed})"},

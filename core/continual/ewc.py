@@ -153,7 +153,7 @@ class EWC(TrainerHook):
         consolidate_at_task_end: bool = True,
         temperature: float = 1.0,
         normalize: FisherNorm = "none",
-        kfac_tol: float = 1e-4,
+        kfac_tol: float = 1e-3,
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
