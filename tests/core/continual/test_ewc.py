@@ -423,3 +423,24 @@ def test_kfac_hook_keeps_old_task_outputs(net: Net) -> None:
         return float((model(xa).detach() - before).square().mean())
 
     assert change(30.0) < 0.5 * change(0.0)
+
+
+def test_kfac_on_sequence_logits_with_a_large_vocabulary() -> None:
+    """LM-like logits (B, T, V) with V > 32: one sampled label per position; every position is a row."""
+    torch.manual_seed(0)
+    vocab = 40
+    lm = nn.Sequential(nn.Embedding(vocab, 8), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, vocab))
+    batches = [torch.randint(0, vocab, (4, 6)) for _ in range(2)]
+
+    def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+    ewc = EWC(1.0, fisher="kfac", output_fn=lambda m, ids: m(ids[:, :-1]))
+    factors = ewc.consolidate(lm, lm_loss, batches, "lm")
+    assert set(factors) == {"1#A", "1#G", "3#A", "3#G"}  # the embedding is not an nn.Linear
+    assert factors["1#A"].shape == (9, 9) and factors["3#G"].shape == (vocab, vocab)
+    assert float(factors["1#A"][-1, -1]) == pytest.approx(1.0)  # the bias column: E[1 * 1]
+    assert float(torch.trace(factors["3#G"])) > 0
+    with torch.no_grad():
+        lm[3].weight.add_(0.1)
+    assert float(ewc.penalty(lm)) > 0
