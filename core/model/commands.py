@@ -106,7 +106,8 @@ def register(app: typer.Typer) -> None:
     def balance(json_out: Annotated[bool, typer.Option("--json", help="Print the JSON result only.")] = False,
                 steps: int = 300, docs_per_corpus: int = 1500) -> None:
         """Train the same small MoE twice (same seed, data, init): with and without the aux-loss-free
-        bias update; report max/mean expert load on dev text for both."""
+        bias update; report max/mean expert load for both on dev text (the dev splits: no Banking77)
+        and on seeded training blocks (the training corpus mix, in-sample)."""
         _quiet_hf()
         import tempfile
 
@@ -124,9 +125,14 @@ def register(app: typer.Typer) -> None:
                     tok = Tokenizer.load(d)
             res["with_bias_update" if on else "without_bias_update"] = {
                 k: m[k] for k in ("dev_max_over_mean_load", "dev_mean_max_over_mean", "dev_per_layer",
-                                  "dev_loss", "final_train_loss", "steps")}
+                                  "dev_loss", "train_mix_max_over_mean_load", "train_mix_mean_max_over_mean",
+                                  "train_mix_per_layer", "train_mix_loss", "final_train_loss", "steps") if k in m}
         _emit({"max_over_mean_load_with_bias": res["with_bias_update"]["dev_max_over_mean_load"],
-               "max_over_mean_load_without_bias": res["without_bias_update"]["dev_max_over_mean_load"], **res})
+               "max_over_mean_load_without_bias": res["without_bias_update"]["dev_max_over_mean_load"],
+               "train_mix_max_over_mean_load_with_bias": res["with_bias_update"].get("train_mix_max_over_mean_load"),
+               "train_mix_max_over_mean_load_without_bias":
+                   res["without_bias_update"].get("train_mix_max_over_mean_load"),
+               **res})
 
 
 SPEC_PROMPTS_CHAT = ["I would like to find a restaurant in San Jose.", "I need to book a flight to Seattle.",
