@@ -37,6 +37,9 @@ class FeatureConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    # input normalisation: "dataset" = the fit images' channel mean/std; "image" = each image's own
+    # mean/std (parts vary in brightness and contrast from part to part: normal variation)
+    input_norm: str = "image"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,6 +50,7 @@ class FeatureConfig:
     def from_dict(cls, d: dict) -> FeatureConfig:
         d = dict(d)
         d["widths"] = tuple(d.get("widths", cls.widths))
+        d.setdefault("input_norm", "dataset")  # models saved before the option existed
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -82,7 +86,12 @@ class FeatureNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (patch features (B, D, S/8, S/8), segmentation logits (B, 1, S/8, S/8))."""
-        x = (x - self.mean) / self.std
+        if self.cfg.input_norm == "image":
+            mu = x.mean(dim=(1, 2, 3), keepdim=True)
+            sd = x.std(dim=(1, 2, 3), keepdim=True)
+            x = (x - mu) / sd.clamp_min(0.01)  # a near-blank part is not blown up into noise
+        else:
+            x = (x - self.mean) / self.std
         f2 = self.stage2(self.stem(x))
         f3 = self.stage3(f2)
         f4 = self.stage4(f3)

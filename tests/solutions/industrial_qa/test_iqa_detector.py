@@ -280,3 +280,21 @@ def test_coarse_branch_is_saved_and_used_in_scores(tiny_detector, iqa_src: Path,
     assert not np.allclose(out.maps, without.maps)
     again = AnomalyDetector.load(det.save(tmp_path / "m")).score_arrays(x)
     assert np.allclose(again.maps, out.maps, atol=1e-4)
+
+
+def test_image_input_normalisation_ignores_part_brightness_and_contrast() -> None:
+    """With ``input_norm="image"`` a part and the same part re-lit (gain + offset) give the same
+    features; the dataset normalisation does not (it is what the option changes)."""
+    from solutions.industrial_qa.features import FeatureConfig, FeatureNet
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64) * 0.5 + 0.2
+    relit = x * 1.4 + 0.05
+    for norm, same in (("image", True), ("dataset", False)):
+        net = FeatureNet(FeatureConfig(image_size=64, widths=(8, 16, 24, 32), input_norm=norm)).eval()
+        with torch.no_grad():
+            fa, la = net(x)
+            fb, lb = net(relit)
+        assert torch.allclose(fa, fb, atol=0.05 * float(fa.abs().mean())) is same, norm
+    # models saved before the option existed keep the dataset normalisation they were trained with
+    assert FeatureConfig.from_dict({"image_size": 64}).input_norm == "dataset"
