@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
                 steps: int = 300, docs_per_corpus: int = 1500) -> None:
         """Train the same small MoE twice (same seed, data, init): with and without the aux-loss-free
         bias update; report max/mean expert load for both on dev text (the dev splits: no Banking77)
-        and on seeded training blocks (the training corpus mix, in-sample)."""
+        and on held-out text in the training corpus mix (``dev_mix_blocks``)."""
         _quiet_hf()
         import tempfile
 
@@ -125,13 +125,13 @@ def register(app: typer.Typer) -> None:
                     tok = Tokenizer.load(d)
             res["with_bias_update" if on else "without_bias_update"] = {
                 k: m[k] for k in ("dev_max_over_mean_load", "dev_mean_max_over_mean", "dev_per_layer",
-                                  "dev_loss", "train_mix_max_over_mean_load", "train_mix_mean_max_over_mean",
-                                  "train_mix_per_layer", "train_mix_loss", "final_train_loss", "steps") if k in m}
+                                  "dev_loss", "dev_mix_max_over_mean_load", "dev_mix_mean_max_over_mean",
+                                  "dev_mix_per_layer", "dev_mix_loss", "final_train_loss", "steps") if k in m}
         _emit({"max_over_mean_load_with_bias": res["with_bias_update"]["dev_max_over_mean_load"],
                "max_over_mean_load_without_bias": res["without_bias_update"]["dev_max_over_mean_load"],
-               "train_mix_max_over_mean_load_with_bias": res["with_bias_update"].get("train_mix_max_over_mean_load"),
-               "train_mix_max_over_mean_load_without_bias":
-                   res["without_bias_update"].get("train_mix_max_over_mean_load"),
+               "dev_mix_max_over_mean_load_with_bias": res["with_bias_update"].get("dev_mix_max_over_mean_load"),
+               "dev_mix_max_over_mean_load_without_bias":
+                   res["without_bias_update"].get("dev_mix_max_over_mean_load"),
                **res})
 
 

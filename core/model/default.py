@@ -165,14 +165,29 @@ def prepare_data(cfg: TrainConfig, data_root: Path, tokenizer: Tokenizer | None 
     return tokenizer, train, dev
 
 
-def train_mix_blocks(cfg: TrainConfig, train: torch.Tensor) -> torch.Tensor:
-    """``eval_blocks`` seeded training blocks: text in the training corpus mix, for the balance measure
-    next to the dev one (the dev splits lack Banking77, which has none). In-sample: a held-out slice
-    would change which blocks the trainer draws and so the trained default model (its MTP acceptance
-    moved 0.81-0.99 between such runs, docs/BENCHMARKS.md); expert load is a routing statistic of the
-    text mix, and the loss on these blocks is reported as a training loss."""
+MIX_DOCS_PER_CORPUS = 200  # documents per corpus in the dev-mix balance text (the dev splits give 200 too)
+
+
+def dev_mix_blocks(cfg: TrainConfig, data_root: Path, tokenizer: Tokenizer) -> torch.Tensor:
+    """``eval_blocks`` seeded held-out blocks in the training corpus mix, for the balance measure next to
+    the dev one: the dev blocks come from the corpora with a dev split only (no Banking77); here each
+    training corpus gives ``MIX_DOCS_PER_CORPUS`` documents, from its dev split, or for Banking77 (no dev
+    split) from the training documents past ``docs_per_corpus``, which training never reads. Empty when
+    a corpus without a dev split has no such documents (no cap)."""
+    docs: list[str] = []
+    for c in cfg.corpora:
+        if c != "banking77":
+            docs += iter_documents(data_root, [c], "dev", MIX_DOCS_PER_CORPUS)
+            continue
+        if cfg.docs_per_corpus is None:
+            return torch.zeros(0, cfg.seq_len, dtype=torch.long)
+        unseen = list(iter_documents(data_root, [c], "train", cfg.docs_per_corpus + MIX_DOCS_PER_CORPUS))
+        if len(unseen) <= cfg.docs_per_corpus:
+            return torch.zeros(0, cfg.seq_len, dtype=torch.long)
+        docs += unseen[cfg.docs_per_corpus:]
+    blocks = pack(tokenizer.encode_batch(docs), cfg.seq_len, tokenizer.bos_id, tokenizer.eos_id)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    return train[torch.randperm(len(train), generator=g)[:cfg.eval_blocks]]
+    return blocks[torch.randperm(len(blocks), generator=g)[:cfg.eval_blocks]]
 
 
 def train_lm(out_dir: str | Path, cfg: TrainConfig | None = None, *, data_root: str | Path | None = None,
@@ -199,7 +214,8 @@ def train_lm(out_dir: str | Path, cfg: TrainConfig | None = None, *, data_root: 
     stats = trainer.fit(loader, epochs=math.ceil(cfg.steps / len(loader)), max_steps=cfg.steps, task_id="lm")
     model = trainer.model.float().cpu().eval()
     balance = measure_balance(model, dev)
-    balance_mix = measure_balance(model, train_mix_blocks(cfg, train))
+    mix = dev_mix_blocks(cfg, root, tokenizer)
+    balance_mix = measure_balance(model, mix) if len(mix) else {}
     out = Path(out_dir)
     save_pretrained(model, out, tokenizer)
     metrics = {"params": model.num_parameters(), "active_params": model.num_parameters(active=True),
@@ -208,7 +224,7 @@ def train_lm(out_dir: str | Path, cfg: TrainConfig | None = None, *, data_root: 
                "train_seconds": round(stats["seconds"], 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "amp_dtype": str(trainer.amp_dtype).replace("torch.", ""), "balance_bias": cfg.balance_bias,
                **{f"dev_{k}" if k != "dev_loss" else k: v for k, v in balance.items()},
-               **{f"train_mix_{k}" if k != "dev_loss" else "train_mix_loss": v for k, v in balance_mix.items()},
+               **{f"dev_mix_{k}" if k != "dev_loss" else "dev_mix_loss": v for k, v in balance_mix.items()},
                "config": asdict(cfg)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

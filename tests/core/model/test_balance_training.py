@@ -1,4 +1,4 @@
-"""Aux-loss-free balancing in training: the bias-update window and schedule, the train-mix balance blocks."""
+"""Aux-loss-free balancing in training: the bias-update window and schedule, the dev-mix balance text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from core.model.data import iter_documents, pack
 from core.model.deepseek import DeepseekV3, ModelArgs
-from core.model.default import MoEBalanceHook, TrainConfig, prepare_data, train_mix_blocks
+from core.model.default import MoEBalanceHook, TrainConfig, dev_mix_blocks, prepare_data
 from core.model.tokenizer import Tokenizer
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -52,17 +52,25 @@ def test_cosine_gamma_schedule_and_disabled_hook() -> None:
     assert torch.equal(g.e_score_correction_bias, torch.zeros(4)) and g.load.sum() == 0
 
 
-def test_train_mix_blocks_sample_the_training_blocks_and_leave_training_alone(shared_data, tmp_home) -> None:
-    corpora = ["iu_xray", "medpix_captions"]
-    cfg = TrainConfig(corpora=corpora, docs_per_corpus=150, tokenizer_docs_per_corpus=150, eval_blocks=8,
+def test_dev_mix_blocks_are_held_out_text_in_the_training_mix(shared_data, tmp_home, monkeypatch) -> None:
+    import core.model.default as default
+
+    monkeypatch.setattr(default, "MIX_DOCS_PER_CORPUS", 40)
+    corpora = ["iu_xray", "banking77"]
+    cfg = TrainConfig(corpora=corpora, docs_per_corpus=150, tokenizer_docs_per_corpus=150, eval_blocks=6,
                       seq_len=32, model={**TINY, "vocab_size": 600})
     tok = Tokenizer.train(iter_documents(shared_data, corpora, "train", 150), vocab_size=600)
     _, train, dev = prepare_data(cfg, shared_data, tok)
-    everything = pack(tok.encode_batch(list(iter_documents(shared_data, corpora, "train", 150))), 32,
-                      tok.bos_id, tok.eos_id)
-    assert torch.equal(train, everything)  # every training block still trains
-    mix = train_mix_blocks(cfg, train)
-    rows = {tuple(r) for r in train.tolist()}
-    assert len(mix) == 8 and all(tuple(r) in rows for r in mix.tolist()) and len(dev) == 8
-    assert torch.equal(mix, train_mix_blocks(cfg, train))  # seeded
-    assert not torch.equal(mix, train_mix_blocks(TrainConfig(seed=5, eval_blocks=8), train))
+    mix = dev_mix_blocks(cfg, shared_data, tok)
+    assert mix.shape == (6, 32) and torch.equal(mix, dev_mix_blocks(cfg, shared_data, tok))  # seeded
+    # Banking77 (no dev split) contributes training documents the trainer never reads (past the cap)
+    trained = set(iter_documents(shared_data, ["banking77"], "train", 150))
+    unseen = list(iter_documents(shared_data, ["banking77"], "train", 190))[150:]
+    assert len(unseen) == 40 and not trained & set(unseen)
+    stream = pack(tok.encode_batch(list(iter_documents(shared_data, ["iu_xray"], "dev", 40)) + unseen), 32,
+                  tok.bos_id, tok.eos_id)
+    rows = {tuple(r) for r in stream.tolist()}
+    assert all(tuple(r) in rows for r in mix.tolist())
+    assert any(tuple(r) not in {tuple(d) for d in dev.tolist()} for r in mix.tolist())
+    # no cap: every Banking77 document trains, nothing is left to hold out
+    assert len(dev_mix_blocks(TrainConfig(corpora=corpora, docs_per_corpus=None, seq_len=32), shared_data, tok)) == 0
