@@ -20,8 +20,9 @@ perplexity through these kernels as ``ppl_int8_act``.
 
 On CPUs with AVX-512 VNNI the integer-dot kernels use ``vpdpbusd`` on 64-byte vectors instead (int8:
 weight codes flipped to unsigned with one xor, the offset paid back from the activation block sums;
-int4 group 64: two groups per load on a pair-interleaved copy of the activation row), ~1.3-1.4x faster
-per call than the AVX2 code on the same CPU; all of them prefetch the weight stream into L2 8 KiB ahead
+int4 group 64: two groups per load on a pair-interleaved copy of the activation row), 1.3-1.6x faster
+per call than the AVX2 code on the same CPU with a cache-resident weight (in DRAM-bound decode: int4
++5-8%, int8 no gain); all of them prefetch the weight stream into L2 8 KiB ahead
 (decode weights come from DRAM: ~2x the streaming rate). ``bind_gate_up`` runs a gated MLP's gate and
 up projections as one call (``core.quant.fused``).
 
