@@ -38,9 +38,12 @@ def _patch_inputs(det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor, 
 
 
 def _image_stats(det: AnomalyDetector, knn: torch.Tensor, seg: torch.Tensor, maps: torch.Tensor,
-                 patch: torch.Tensor | None, coarse: torch.Tensor | None = None) -> np.ndarray:
-    """Per-image descriptors ``(B, 6 [+ 1])`` from the maps (all monotone in 'more anomalous');
-    the coarse map's maximum is the seventh when the detector has the coarse branch."""
+                 patch: torch.Tensor | None, coarse: torch.Tensor | None = None,
+                 unsup: bool = True) -> np.ndarray:
+    """Per-image descriptors ``(B, 6 [+ 1] [+ 1])`` from the maps (all monotone in 'more anomalous');
+    the coarse map's maximum is the seventh when the detector has the coarse branch, and with
+    ``unsup`` the unsupervised detector's own image score comes last (heads saved before it
+    existed were fitted without it)."""
     kz, sz = det.standardise(knn, seg)
     flat = maps.flatten(1)
     k = max(1, flat.shape[1] // 100)
@@ -49,6 +52,9 @@ def _image_stats(det: AnomalyDetector, knn: torch.Tensor, seg: torch.Tensor, map
             patch.flatten(1).max(1).values if patch is not None else flat.max(1).values]
     if coarse is not None:
         cols.append(coarse.flatten(1).max(1).values)
+    if unsup:
+        # the unsupervised detector's own image score (max of its fused, smoothed map)
+        cols.append(det.upsample(det.fuse(knn, seg, coarse), maps.shape[-1]).flatten(1).max(1).values)
     return torch.stack(cols, 1).double().numpy()
 
 
@@ -65,6 +71,7 @@ class FewShotHead:
         self.img_mu = np.zeros(6)
         self.img_sd = np.ones(6)
         self.type_names: list[str] = []
+        self.unsup_col = True   # the image head sees the unsupervised score (False: older heads)
         self.type_w: np.ndarray | None = None       # (T, D)
         self.type_b: np.ndarray | None = None       # (T,)
 
@@ -120,8 +127,8 @@ class FewShotHead:
             det.fewshot = saved
         pd_ = head._patch_logits(det, d_out.feats, d_out.knn, d_out.seg, d_out.coarse)
         pn_ = head._patch_logits(det, n_out.feats, n_out.knn, n_out.seg, n_out.coarse)
-        xi = np.concatenate([_image_stats(det, d_out.knn, d_out.seg, d_maps, pd_, d_out.coarse),
-                             _image_stats(det, n_out.knn, n_out.seg, n_maps, pn_, n_out.coarse)])
+        xi = np.concatenate([_image_stats(det, d_out.knn, d_out.seg, d_maps, pd_, d_out.coarse, head.unsup_col),
+                             _image_stats(det, n_out.knn, n_out.seg, n_maps, pn_, n_out.coarse, head.unsup_col)])
         yi = np.concatenate([np.ones(len(shots)), np.zeros(len(normals))])
         head.img_mu, head.img_sd = xi.mean(0), xi.std(0) + 1e-6
         xs = (xi - head.img_mu) / head.img_sd
@@ -168,7 +175,8 @@ class FewShotHead:
 
     def image_score(self, det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor, seg: torch.Tensor,
                     maps: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
-        stats = _image_stats(det, knn, seg, maps, self._patch_logits(det, feats, knn, seg, coarse), coarse)
+        stats = _image_stats(det, knn, seg, maps, self._patch_logits(det, feats, knn, seg, coarse), coarse,
+                             self.unsup_col)
         x = (stats - self.img_mu) / self.img_sd
         return torch.from_numpy((x @ self.img_w + self.img_b).astype(np.float32))
 
@@ -198,7 +206,8 @@ class FewShotHead:
 
     def meta(self) -> dict:
         return {"patch_b": self.patch_b, "img_w": self.img_w.tolist(), "img_b": self.img_b,
-                "img_mu": self.img_mu.tolist(), "img_sd": self.img_sd.tolist(), "type_names": self.type_names}
+                "img_mu": self.img_mu.tolist(), "img_sd": self.img_sd.tolist(), "type_names": self.type_names,
+                "unsup_col": self.unsup_col}
 
     @classmethod
     def from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> FewShotHead:
@@ -207,6 +216,7 @@ class FewShotHead:
         head.img_w, head.img_b = np.array(meta["img_w"]), float(meta["img_b"])
         head.img_mu, head.img_sd = np.array(meta["img_mu"]), np.array(meta["img_sd"])
         head.type_names = list(meta.get("type_names", []))
+        head.unsup_col = bool(meta.get("unsup_col", False))  # heads saved before the column existed
         if "fewshot.patch_w" in tensors:
             head.patch_w = tensors["fewshot.patch_w"]
             head.patch_mu = tensors["fewshot.patch_mu"]

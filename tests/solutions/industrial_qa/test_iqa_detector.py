@@ -298,3 +298,30 @@ def test_image_input_normalisation_ignores_part_brightness_and_contrast() -> Non
         assert torch.allclose(fa, fb, atol=0.05 * float(fa.abs().mean())) is same, norm
     # models saved before the option existed keep the dataset normalisation they were trained with
     assert FeatureConfig.from_dict({"image_size": 64}).input_norm == "dataset"
+
+
+def test_few_shot_image_head_sees_the_unsupervised_score_and_older_heads_still_load(tiny_detector,
+                                                                                   iqa_src: Path) -> None:
+    from solutions.industrial_qa.fewshot import FewShotHead, _image_stats
+
+    det = tiny_detector
+    load = lambda folder, n: np.stack([to_tensor_array(read_image(p), 64)  # noqa: E731
+                                       for p in sorted((iqa_src / "test" / folder).iterdir())[:n]])
+    shots = np.concatenate([load("blowhole", 3), load("crack", 3)])
+    normals = load("good", 6)
+    assert det.fewshot is None
+    plain = det.score_arrays(shots)
+    head, _ = FewShotHead.fit(det, shots, None, ["blowhole"] * 3 + ["crack"] * 3, normals)
+    stats = _image_stats(det, plain.knn, plain.seg, torch.from_numpy(plain.maps), None, plain.coarse)
+    assert np.allclose(stats[:, -1], plain.scores, atol=1e-4)        # last column = unsupervised score
+    assert len(head.img_w) == stats.shape[1]
+    meta = head.meta()
+    assert meta["unsup_col"] is True
+    old = dict(meta, img_w=meta["img_w"][:-1], img_mu=meta["img_mu"][:-1], img_sd=meta["img_sd"][:-1])
+    del old["unsup_col"]
+    det.fewshot = FewShotHead.from_saved(old, head.tensors())
+    try:
+        assert det.fewshot.unsup_col is False
+        assert np.isfinite(det.score_arrays(shots).scores).all()    # an older (shorter) head still scores
+    finally:
+        det.fewshot = None
