@@ -82,13 +82,14 @@ def test_threshold_respects_the_false_alarm_target(n: int, far: float, seed: int
     assert false_alarm_rate(scores, thr) <= far
     # new normals from the same distribution: the conformal bound holds on average; the FAR of an
     # order-statistic threshold is Beta(n + 1 - k, k) distributed (k = its rank), so check its mean and
-    # a 1e-4 upper quantile (+ Monte-Carlo slack for the 20,000 fresh draws)
+    # a 1e-6 upper quantile (+ Monte-Carlo slack for the 20,000 fresh draws; with 1e-4 hypothesis found
+    # a legitimate 1-in-10,000 draw: n=20, far=0.2, seed=1021 gives 0.603 > 0.590)
     from scipy.stats import beta
 
     k = min(int(np.ceil((n + 1) * (1 - far))), n)
     assert (n + 1 - k) / (n + 1) <= far or k == n
     fresh = np.random.default_rng(seed + 1).normal(size=20_000)
-    assert false_alarm_rate(fresh, thr) <= beta.ppf(1 - 1e-4, n + 1 - k, k) + 0.01
+    assert false_alarm_rate(fresh, thr) <= beta.ppf(1 - 1e-6, n + 1 - k, k) + 0.01
 
 
 def test_threshold_rejects_bad_targets() -> None:
