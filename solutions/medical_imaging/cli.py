@@ -95,7 +95,12 @@ def draft(
     import numpy as np
 
     from solutions.medical_imaging import dicom_io
-    from solutions.medical_imaging.data import load_image_array, to_model_input
+    from solutions.medical_imaging.data import (
+        NATIVE_SIZE,
+        load_image_array,
+        load_native_array,
+        to_model_input,
+    )
     from solutions.medical_imaging.tasks import cached_reporter
 
     _ensure_model()
@@ -113,6 +118,7 @@ def draft(
     else:
         if p.is_file() and dicom_io._is_key_image(p.name):
             img, pl, hint = load_image_array(p, rep.cfg.image_size), plane, None
+            full = load_native_array(p)
         else:
             scan = dicom_io.scan(p)
             if not scan.instances:
@@ -123,9 +129,10 @@ def draft(
             vol = se.volume()
             mid = vol[len(vol) // 2]
             ds = se.instances[0].dataset
-            img = to_model_input(dicom_io.apply_window(mid, *dicom_io.default_window(ds, mid)), rep.cfg.image_size)
+            windowed = dicom_io.apply_window(mid, *dicom_io.default_window(ds, mid))
+            img, full = to_model_input(windowed, rep.cfg.image_size), to_model_input(windowed, NATIVE_SIZE, canvas=False)
             pl, hint = se.plane, se.modality if se.modality in ("CT", "MR") else None
-        d = rep.draft_batch(np.asarray(img)[None], [history], [pl], [hint])[0]
+        d = rep.draft_batch(np.asarray(img)[None], [history], [pl], [hint], full_images=[full])[0]
         out = {"findings": d.findings, "impression": d.impression, "modality": d.modality, "region": d.region,
                "similar": [{k: s[k] for k in ("case_id", "diagnosis", "score")} for s in d.similar]}
     out["seconds"] = round(time.perf_counter() - t0, 3)

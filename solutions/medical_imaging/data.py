@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,34 +118,46 @@ def load_medpix(root: str | Path, split: str) -> list[MedPixSample]:
     return out
 
 
-def load_image_array(path: str | Path, size: int = 128) -> np.ndarray:
-    """(size, size) float32 in [0, 1]: longest side resized to ``size``, centred on a black square."""
+NATIVE_SIZE = 256  # longest side of the full-resolution view read by the fusion's image statistics
+
+
+def _resize(im: Any, size: int, canvas: bool) -> np.ndarray:
+    """8-bit PIL image -> float32 in [0, 1], longest side ``size``; ``canvas``: centred on a black square."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / max(w, h)
+    im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    if canvas:
+        c = Image.new("L", (size, size))
+        c.paste(im, ((size - im.size[0]) // 2, (size - im.size[1]) // 2))
+        im = c
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def load_image_array(path: str | Path, size: int = 128, canvas: bool = True) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: longest side resized to ``size``, centred on a black square
+    (``canvas=False``: the resized image alone, its own aspect ratio)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L")
-            w, h = im.size
-            scale = size / max(w, h)
-            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-            canvas = Image.new("L", (size, size))
-            canvas.paste(im, ((size - im.size[0]) // 2, (size - im.size[1]) // 2))
-            return np.asarray(canvas, dtype=np.float32) / 255.0
+            return _resize(im.convert("L"), size, canvas)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
-def to_model_input(img: np.ndarray, size: int = 128) -> np.ndarray:
-    """Any 2-D slice (modality units or 8-bit) -> (size, size) float32 in [0, 1] like the training images."""
+def load_native_array(path: str | Path) -> np.ndarray:
+    """The full-resolution view for the fusion statistics: longest side NATIVE_SIZE, no padding."""
+    return load_image_array(path, NATIVE_SIZE, canvas=False)
+
+
+def to_model_input(img: np.ndarray, size: int = 128, canvas: bool = True) -> np.ndarray:
+    """Any 2-D slice (modality units or 8-bit) -> (size, size) float32 in [0, 1] like the training images
+    (``canvas=False``: longest side ``size``, no padding, like :func:`load_native_array` with size NATIVE_SIZE)."""
     from PIL import Image
 
     a = img.astype(np.float32)
     lo, hi = np.percentile(a, [0.5, 99.5])
     a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
-    im = Image.fromarray((a * 255).astype(np.uint8))
-    w, h = im.size
-    scale = size / max(w, h)
-    im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    canvas = Image.new("L", (size, size))
-    canvas.paste(im, ((size - im.size[0]) // 2, (size - im.size[1]) // 2))
-    return np.asarray(canvas, dtype=np.float32) / 255.0
+    return _resize(Image.fromarray((a * 255).astype(np.uint8)), size, canvas)

@@ -5,15 +5,22 @@
   absolute HU (air black, bone saturated white), MR is auto-windowed with noisy background: these
   statistics separate the two differently from the CNN. A gradient-boosted tree model (scikit-learn
   ``HistGradientBoostingClassifier``) predicts the modality from them plus the plane.
+* :func:`native_stats`: the same kind of statistics on the full-resolution view (longest side 256, no
+  padding: :func:`data.load_native_array`): image size and aspect, black/saturated fractions, fine-scale
+  noise in body and background, which the 128 px canvas blurs away. When the caller has that view, a
+  second tree model reads both sets (``stats_native``); otherwise the 128 px model decides.
 * :func:`clinical_text`: what the request for the study carries: the clinical history (and exam),
   patient sex, age decade and the acquisition plane. TF-IDF (1-2 grams) + logistic regression predict
-  the modality and the body region from it.
+  the modality and the body region from it; a second logistic regression reads the request's MiniLM
+  sentence embedding (the reporter's own text encoder) for the body region: it generalises across
+  wordings ("low back pain", "lumbar radiculopathy") where TF-IDF needs the same words.
 
 Fused scores are ``log softmax(CNN logits) + w * log p(model)`` per class, with weights chosen on a
 case-disjoint 20 % of TRAIN (README "Model"). The body region is a property of the study, so the
 region scores of all images of one study (MedPix: one case) are averaged before the decision.
 
-Named input: (N, S, S) images in [0, 1] and one request text per image. Named output: per-class
+Named input: (N, S, S) images in [0, 1], one request text per image and (region) its (N, 384) MiniLM
+embedding. Named output: per-class
 log-probabilities (N, C). Saved as ``fusion.pkl`` beside the reporter (our own file; pickle).
 """
 
@@ -32,10 +39,11 @@ from solutions.medical_imaging.data import PLANES
 
 FUSION = "fusion.pkl"
 # Fusion weights, chosen on a case-disjoint 20 % of TRAIN (never on dev); see README "Model".
-W_MOD_STATS, W_MOD_TEXT, W_REG_TEXT = 0.5, 0.5, 0.75
+W_MOD_STATS, W_MOD_NATIVE, W_MOD_TEXT, W_REG_TEXT, W_REG_EMB = 0.5, 0.5, 0.5, 0.5, 1.0
 # Share of a modality score replaced by its study mean (images of one study are mostly one modality,
 # 95 % in MedPix TRAIN); the region is one per study, so its scores are fully averaged.
 MOD_POOL = 0.5
+EMB_C = 2.0  # inverse regularisation of the embedding model (5-fold case-grouped CV on TRAIN)
 EPS = 1e-6
 
 
@@ -58,6 +66,33 @@ def image_stats(img: np.ndarray) -> np.ndarray:
              len(np.unique(a)) / 256]
     return np.concatenate([hist.reshape(32, 8).sum(1), np.log(hist[[0, 255]] + 1e-4), q, extra,
                            _texture(np.clip(img, 0, 1).astype(np.float32))]).astype(np.float32)
+
+
+def native_stats(img: np.ndarray) -> np.ndarray:
+    """(H, W) float in [0, 1], the full-resolution view (longest side 256, no padding) -> (94,) float32:
+    size/aspect, black/saturated fractions, grey-level count, fine-scale residual (noise) level in the
+    body and in the dim background, low-intensity histogram, intensity x residual and gradient histograms,
+    border intensities."""
+    from scipy.ndimage import uniform_filter
+
+    if img.ndim != 2 or min(img.shape) < 3:
+        raise ValueError(f"native_stats expects one 2-D image of at least 3x3 pixels, got shape {img.shape}")
+    a = np.round(np.clip(img, 0, 1) * 255).astype(np.float32) / 255
+    h, w = a.shape
+    r = np.abs(a - uniform_filter(a, 3))
+    fg, bgm = a > 0.04, (a > 0) & (a < 0.06)
+    f = [w / 256, h / 256, w / h, (a == 0).mean(), (a >= 254 / 255).mean(), len(np.unique(a)) / 256,
+         r[fg].mean() if fg.any() else 0.0, np.median(r[fg]) if fg.any() else 0.0,
+         r[bgm].mean() if bgm.any() else 0.0, bgm.mean(), np.percentile(r[fg], 90) if fg.any() else 0.0]
+    jh = np.histogram2d(a[fg], np.clip(r[fg], 0, 0.2), bins=(8, 6), range=((0, 1), (0, 0.2)))[0].ravel()
+    jh /= max(jh.sum(), 1)
+    g = np.hypot(np.diff(a, axis=1)[:-1], np.diff(a, axis=0)[:, :-1])
+    gh = np.histogram(g[fg[:-1, :-1]], bins=12, range=(0, 0.6))[0].astype(np.float32)
+    gh /= max(gh.sum(), 1)
+    border = np.concatenate([a[:4].ravel(), a[-4:].ravel(), a[:, :4].ravel(), a[:, -4:].ravel()])
+    f += [border.mean(), (border > 0.5).mean(), (border == 0).mean()]
+    low = np.histogram(a, bins=20, range=(0, 0.2))[0] / a.size
+    return np.concatenate([f, low, jh, gh]).astype(np.float32)
 
 
 def _texture(a: np.ndarray) -> np.ndarray:
@@ -92,6 +127,10 @@ def _stats_features(images: np.ndarray, planes: Sequence[str]) -> np.ndarray:
     return np.hstack([np.stack([image_stats(im) for im in images]), _plane_onehot(planes)])
 
 
+def _native_features(full_images: Sequence[np.ndarray]) -> np.ndarray:
+    return np.stack([native_stats(np.asarray(im, dtype=np.float32)) for im in full_images])
+
+
 def _plane_onehot(planes: Sequence[str]) -> np.ndarray:
     return np.eye(len(PLANES), dtype=np.float32)[[PLANES.index(p) if p in PLANES else PLANES.index("other")
                                                   for p in planes]]
@@ -119,37 +158,72 @@ class Fusion:
     stats_modality: Any  # HistGradientBoostingClassifier on image_stats + plane
     text_modality: Any  # TF-IDF + LogisticRegression on clinical_text
     text_region: Any
+    emb_region: Any = None  # LogisticRegression on the request's MiniLM embedding (None: fitted without it)
+    stats_native: Any = None  # tree model on image_stats + native_stats + plane (None: fitted without it)
     n_classes: dict[str, int] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=lambda: {
-        "mod_stats": W_MOD_STATS, "mod_text": W_MOD_TEXT, "reg_text": W_REG_TEXT})
+        "mod_stats": W_MOD_STATS, "mod_native": W_MOD_NATIVE, "mod_text": W_MOD_TEXT, "reg_text": W_REG_TEXT, "reg_emb": W_REG_EMB})
 
     @classmethod
     def fit(cls, images: np.ndarray, texts: Sequence[str], planes: Sequence[str], modality: np.ndarray,
-            region: np.ndarray, n_modalities: int, n_regions: int, seed: int = 0) -> Fusion:
+            region: np.ndarray, n_modalities: int, n_regions: int, seed: int = 0,
+            text_emb: np.ndarray | None = None, full_images: Sequence[np.ndarray] | None = None) -> Fusion:
+        """``text_emb``: (N, 384) MiniLM embeddings of ``texts``; None fits no embedding model.
+        ``full_images``: the full-resolution view of each image (:func:`native_stats`); None fits no
+        ``stats_native`` model."""
         from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.linear_model import LogisticRegression
 
         if len(images) != len(texts) or len(images) != len(modality) or len(images) != len(region):
             raise ValueError("fusion: images, texts and labels differ in length")
+        if text_emb is not None and len(text_emb) != len(texts):
+            raise ValueError("fusion: texts and their embeddings differ in length")
         if len(np.unique(modality)) < 2 or len(np.unique(region)) < 2:
             raise ValueError("fusion: the training labels need at least two modality and two region classes")
+        if full_images is not None and len(full_images) != len(images):
+            raise ValueError("fusion: images and their full-resolution views differ in length")
         X = _stats_features(images, planes)
-        stats = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, random_state=seed).fit(X, modality)
-        return cls(stats, _text_model().fit(list(texts), modality), _text_model().fit(list(texts), region),
+
+        def tree() -> Any:
+            return HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, random_state=seed)
+
+        stats = tree().fit(X, modality)
+        native = None if full_images is None else tree().fit(np.hstack([X, _native_features(full_images)]), modality)
+        emb = None if text_emb is None else LogisticRegression(C=EMB_C, max_iter=3000).fit(text_emb, region)
+        return cls(stats, _text_model().fit(list(texts), modality), _text_model().fit(list(texts), region), emb, native,
                    n_classes={"modality": n_modalities, "region": n_regions})
 
     def modality_scores(self, cnn_logits: np.ndarray, images: np.ndarray, texts: Sequence[str],
-                        planes: Sequence[str]) -> np.ndarray:
-        """(N, n_modalities) fused log-scores."""
+                        planes: Sequence[str], full_images: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """(N, n_modalities) fused log-scores. ``full_images``: the full-resolution views (longest side
+        256, no padding); with them and a ``stats_native`` model, that model replaces the 128 px one."""
         X = _stats_features(images, planes)
         w = self.weights
         k = cnn_logits.shape[1]
-        return (log_softmax(cnn_logits, axis=1) + w["mod_stats"] * np.log(_proba(self.stats_modality, X, k) + EPS)
+        native = getattr(self, "stats_native", None)
+        if full_images is not None and native is not None:
+            if len(full_images) != len(images):
+                raise ValueError("fusion: images and their full-resolution views differ in length")
+            p_stats = _proba(native, np.hstack([X, _native_features(full_images)]), k)
+            w_stats = w.get("mod_native", W_MOD_NATIVE)
+        else:
+            p_stats, w_stats = _proba(self.stats_modality, X, k), w["mod_stats"]
+        return (log_softmax(cnn_logits, axis=1) + w_stats * np.log(p_stats + EPS)
                 + w["mod_text"] * np.log(_proba(self.text_modality, list(texts), k) + EPS))
 
-    def region_scores(self, cnn_logits: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        """(N, n_regions) fused log-scores (before pooling over the study)."""
-        return log_softmax(cnn_logits, axis=1) + self.weights["reg_text"] * np.log(
-            _proba(self.text_region, list(texts), cnn_logits.shape[1]) + EPS)
+    def region_scores(self, cnn_logits: np.ndarray, texts: Sequence[str],
+                      text_emb: np.ndarray | None = None) -> np.ndarray:
+        """(N, n_regions) fused log-scores (before pooling over the study). ``text_emb``: the texts' MiniLM
+        embeddings, needed when the fusion has an embedding model with a non-zero weight."""
+        k = cnn_logits.shape[1]
+        out = log_softmax(cnn_logits, axis=1) + self.weights["reg_text"] * np.log(
+            _proba(self.text_region, list(texts), k) + EPS)
+        w_emb, emb_model = self.weights.get("reg_emb", 0.0), getattr(self, "emb_region", None)
+        if w_emb and emb_model is not None:
+            if text_emb is None or len(text_emb) != len(out):
+                raise ValueError("fusion: region_scores needs one MiniLM embedding per request text")
+            out = out + w_emb * np.log(_proba(emb_model, text_emb, k) + EPS)
+        return out
 
     def save(self, folder: Path) -> None:
         with (Path(folder) / FUSION).open("wb") as f:

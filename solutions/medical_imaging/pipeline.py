@@ -30,6 +30,7 @@ from solutions.medical_imaging.data import (
     MedPixSample,
     load_image_array,
     load_medpix,
+    load_native_array,
 )
 from solutions.medical_imaging.fusion import MOD_POOL, Fusion, clinical_text, pool_by_group
 from solutions.medical_imaging.metrics import TextEmbedder, accuracy, recall_at_k, text_metrics
@@ -238,6 +239,16 @@ def _retrieved(query: np.ndarray, gallery: np.ndarray, gallery_text: np.ndarray,
     return mean.astype(np.float32), top
 
 
+def fit_fusion(train: Sequence[MedPixSample], images: np.ndarray, emb: CachedEmbedder, seed: int = 0) -> Fusion:
+    """The side models of :mod:`fusion` for training samples and their (N, S, S) model-input images."""
+    requests = [request_text(s) for s in train]
+    fusion = Fusion.fit(images, requests, [s.plane for s in train], np.array([MODALITIES.index(s.modality) for s in train]),
+                        np.array([REGIONS.index(s.region) for s in train]), len(MODALITIES), len(REGIONS), seed=seed,
+                        text_emb=emb(requests), full_images=[load_native_array(s.image_path) for s in train])
+    emb.save()
+    return fusion
+
+
 def set_threads(n: int | None) -> None:
     """Intra-op threads. Default 1: on a shared 2-core machine two oversubscribed threads ran ~15x
     slower than one (measured: 4.4 s vs 0.26 s per encoder batch at load ~20)."""
@@ -315,8 +326,7 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
     log(f"encoder trained in {time.time() - t0:.0f}s")
     fusion = None
     if fuse and len(set(A.modality.tolist())) > 1 and len(set(A.region.tolist())) > 1:
-        fusion = Fusion.fit(A.images, [request_text(s) for s in train], [s.plane for s in train], A.modality,
-                            A.region, len(MODALITIES), len(REGIONS), seed=seed)
+        fusion = fit_fusion(train, A.images, emb, seed)
 
     enc_out = _encode_all(enc, A.images, A.history)
     cases = np.array([s.case_id for s in train])
@@ -447,23 +457,27 @@ class Reporter:
         return _encode_all(self.encoder, images.astype(np.float32), self.embedder(list(history)), tta=self.cfg.tta)
 
     def head_scores(self, o: dict[str, np.ndarray], images: np.ndarray, requests: Sequence[str],
-                    planes: Sequence[str], groups: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    planes: Sequence[str], groups: Sequence[Any] | None = None,
+                    full_images: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(modality, region) log-scores: CNN heads fused with the side models when the reporter has them;
-        region scores averaged over each group (the images of one study)."""
+        region scores averaged over each group (the images of one study). ``full_images``: each image's
+        full-resolution view (:func:`data.load_native_array`) for the modality statistics, when available."""
         if self.fusion is None:
             return log_softmax(o["modality"], axis=1), pool_by_group(log_softmax(o["region"], axis=1), groups)
-        mod = self.fusion.modality_scores(o["modality"], images, requests, planes)
-        return (pool_by_group(mod, groups, MOD_POOL),
-                pool_by_group(self.fusion.region_scores(o["region"], requests), groups))
+        mod = self.fusion.modality_scores(o["modality"], images, requests, planes, full_images)
+        reg = self.fusion.region_scores(o["region"], requests, self.embedder(list(requests)))
+        return pool_by_group(mod, groups, MOD_POOL), pool_by_group(reg, groups)
 
     def draft_batch(self, images: np.ndarray, history: Sequence[str], planes: Sequence[str],
                     modality_hint: Sequence[str | None] | None = None, requests: Sequence[str] | None = None,
-                    groups: Sequence[Any] | None = None) -> list[Draft]:
+                    groups: Sequence[Any] | None = None, full_images: Sequence[np.ndarray] | None = None) -> list[Draft]:
         """One draft per image. ``modality_hint`` (e.g. from the DICOM header) overrides the head.
 
         ``requests``: the request text per image for the fusion text model (default: the history with no
         sex/age; see :func:`fusion.clinical_text`). ``groups``: a study id per image; images of one study
-        get one body region.
+        get one body region. ``full_images``: the full-resolution view of each image (longest side
+        ``data.NATIVE_SIZE``, no padding) for the fusion's modality statistics; without it the 128 px
+        statistics are used.
         """
         if len(history) != len(images) or len(planes) != len(images):
             raise ValueError(f"draft_batch: {len(images)} images but {len(history)} histories / {len(planes)} planes")
@@ -471,7 +485,7 @@ class Reporter:
         hist = self.embedder(list(history))
         if requests is None:
             requests = [clinical_text(h, plane=p) for h, p in zip(history, planes, strict=True)]
-        s_mod, s_reg = self.head_scores(o, images, requests, planes, groups)
+        s_mod, s_reg = self.head_scores(o, images, requests, planes, groups, full_images)
         p_mod, p_reg = softmax(s_mod, axis=1), softmax(s_reg, axis=1)
         p_cat, p_abn = softmax(o["category"], axis=1), expit(o["abnormal"])
         mod = p_mod.argmax(1)
@@ -535,7 +549,8 @@ def evaluate(data_dir: str | Path, split: str, model_path: str | Path | None = N
     images = np.stack([load_image_array(s.image_path, rep.cfg.image_size) for s in samples])
     t0 = time.perf_counter()
     drafts = rep.draft_batch(images, [s.history for s in samples], [s.plane for s in samples],
-                             requests=[request_text(s) for s in samples], groups=[s.case_id for s in samples])
+                             requests=[request_text(s) for s in samples], groups=[s.case_id for s in samples],
+                             full_images=[load_native_array(s.image_path) for s in samples])
     per_image = (time.perf_counter() - t0) / len(samples)
     refs = [s.caption for s in samples]
     hyps = [d.findings for d in drafts]

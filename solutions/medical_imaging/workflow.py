@@ -399,7 +399,7 @@ def report_history(study_uid: str) -> list[ReportVersion]:
 
 def draft_study(study_uid: str, reporter: Any, force: bool = False) -> ReportVersion:
     """Store the AI draft for a study (idempotent: an existing AI draft is returned unless ``force``)."""
-    from solutions.medical_imaging.data import to_model_input
+    from solutions.medical_imaging.data import NATIVE_SIZE, to_model_input
     from solutions.medical_imaging.fusion import clinical_text
 
     with session_scope() as s:
@@ -415,7 +415,8 @@ def draft_study(study_uid: str, reporter: Any, force: bool = False) -> ReportVer
     img, plane, modality = key_slice(study_uid)
     hint = modality.split(",")[0] if modality.split(",")[0] in ("CT", "MR") else None
     draft = reporter.draft_batch(to_model_input(img, reporter.cfg.image_size)[None], [history], [plane],
-                                 [hint], requests=[clinical_text(history or "", sex or "", age or "", plane)])[0]
+                                 [hint], requests=[clinical_text(history or "", sex or "", age or "", plane)],
+                                 full_images=[to_model_input(img, NATIVE_SIZE, canvas=False)])[0]
     details = {k: getattr(draft, k) for k in ("decoder_text", "prior_report", "modality", "modality_conf", "modality_source",
                                               "region", "region_conf", "plane",
                                               "category", "category_conf", "abnormal_prob", "similar")}

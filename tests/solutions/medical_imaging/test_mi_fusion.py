@@ -114,3 +114,92 @@ def test_draft_batch_gives_one_region_per_study(tiny_reporter: Path, balanced_me
     assert len({round(d.region_conf, 6) for d in drafts[:3]}) == 1
     with pytest.raises(ValueError, match="histories"):
         rep.draft_batch(imgs, ["x"], ["axial"] * 6)
+
+
+def test_region_embedding_model_adds_to_the_scores_and_needs_its_embeddings(balanced_medpix: Path,
+                                                                               tmp_path: Path) -> None:
+    from solutions.medical_imaging.pipeline import CachedEmbedder, request_text
+
+    emb = CachedEmbedder(None)  # MiniLM, the reporter's own text encoder
+    train, dev = load_medpix(balanced_medpix, "train"), load_medpix(balanced_medpix, "dev")
+    imgs = np.stack([load_image_array(s.image_path, 128) for s in train])
+    texts = [request_text(s) for s in train]
+    y_reg = np.array([REGIONS.index(s.region) for s in train])
+    f = Fusion.fit(imgs, texts, [s.plane for s in train], np.array([MODALITIES.index(s.modality) for s in train]),
+                   y_reg, len(MODALITIES), len(REGIONS), text_emb=emb(texts))
+    assert f.emb_region is not None
+    dev_texts = [request_text(s) for s in dev]
+    dev_emb = emb(dev_texts)
+    cnn = np.zeros((len(dev), len(REGIONS)), dtype=np.float32)
+    f.weights["reg_emb"] = 0.0
+    base = f.region_scores(cnn, dev_texts)  # weight 0: the embeddings are not needed
+    f.weights["reg_emb"] = 1.0
+    fused = f.region_scores(cnn, dev_texts, dev_emb)
+    assert fused.shape == base.shape and np.isfinite(fused).all()
+    p = np.zeros_like(base)
+    p[:, f.emb_region.classes_] = f.emb_region.predict_proba(dev_emb)
+    np.testing.assert_allclose(fused, base + np.log(p + 1e-6), rtol=1e-5, atol=1e-5)
+    # the embedding model learnt the training regions (it reads what the request says about the body)
+    assert (f.emb_region.predict(emb(texts)) == y_reg).mean() > np.bincount(y_reg).max() / len(y_reg)
+    with pytest.raises(ValueError, match="MiniLM embedding"):
+        f.region_scores(cnn, dev_texts)
+    with pytest.raises(ValueError, match="embeddings differ"):
+        Fusion.fit(imgs, texts, [s.plane for s in train], np.zeros(len(train), int), y_reg, 2, 5,
+                   text_emb=emb(texts)[:3])
+    f.save(tmp_path)
+    g = Fusion.load(tmp_path)
+    assert g is not None
+    np.testing.assert_allclose(g.region_scores(cnn, dev_texts, dev_emb), fused)
+    del g.__dict__["emb_region"]  # a fusion.pkl written before the embedding model existed
+    np.testing.assert_allclose(g.region_scores(cnn, dev_texts), base)
+
+
+def test_native_view_and_its_statistics(balanced_medpix: Path) -> None:
+    from PIL import Image
+
+    from solutions.medical_imaging.data import NATIVE_SIZE, load_native_array, to_model_input
+    from solutions.medical_imaging.fusion import native_stats
+
+    s = load_medpix(balanced_medpix, "dev")[0]
+    with Image.open(s.image_path) as im:
+        w, h = im.size
+    full = load_native_array(s.image_path)
+    assert max(full.shape) == NATIVE_SIZE and abs(full.shape[1] / full.shape[0] - w / h) < 0.02  # no padding
+    assert full.dtype == np.float32 and 0 <= full.min() and full.max() <= 1
+    f = native_stats(full)
+    assert f.shape == (94,) and np.isfinite(f).all()
+    assert f[2] == pytest.approx(full.shape[1] / full.shape[0])  # aspect ratio of the view itself
+    wide = to_model_input(np.random.default_rng(0).normal(100, 20, (100, 300)), NATIVE_SIZE, canvas=False)
+    assert wide.shape == (85, 256)
+    assert native_stats(np.zeros((20, 30), np.float32))[3] == pytest.approx(1.0)  # all black
+    with pytest.raises(ValueError, match="2-D"):
+        native_stats(np.zeros((2, 8, 8), np.float32))
+
+
+def test_modality_uses_the_native_model_only_with_the_full_views(balanced_medpix: Path, tmp_path: Path) -> None:
+    from solutions.medical_imaging.data import load_native_array
+    from solutions.medical_imaging.pipeline import request_text
+
+    train, dev = load_medpix(balanced_medpix, "train"), load_medpix(balanced_medpix, "dev")
+    imgs = np.stack([load_image_array(s.image_path, 128) for s in train])
+    full = [load_native_array(s.image_path) for s in train]
+    y = np.array([MODALITIES.index(s.modality) for s in train])
+    f = Fusion.fit(imgs, [request_text(s) for s in train], [s.plane for s in train], y,
+                   np.array([REGIONS.index(s.region) for s in train]), len(MODALITIES), len(REGIONS),
+                   full_images=full)
+    assert f.stats_native is not None
+    d_imgs = np.stack([load_image_array(s.image_path, 128) for s in dev])
+    d_full = [load_native_array(s.image_path) for s in dev]
+    texts, planes = [request_text(s) for s in dev], [s.plane for s in dev]
+    cnn = np.zeros((len(dev), len(MODALITIES)), dtype=np.float32)
+    with_full, without = f.modality_scores(cnn, d_imgs, texts, planes, d_full), f.modality_scores(cnn, d_imgs, texts, planes)
+    assert with_full.shape == without.shape and np.isfinite(with_full).all() and not np.allclose(with_full, without)
+    y_dev = np.array([MODALITIES.index(s.modality) for s in dev])
+    assert (with_full.argmax(1) == y_dev).mean() >= 0.7  # unseen cases, CNN with no opinion
+    with pytest.raises(ValueError, match="full-resolution"):
+        f.modality_scores(cnn, d_imgs, texts, planes, d_full[:2])
+    f.save(tmp_path)
+    g = Fusion.load(tmp_path)
+    assert g is not None
+    del g.__dict__["stats_native"]  # a fusion.pkl written before the native model existed: 128 px statistics
+    np.testing.assert_allclose(g.modality_scores(cnn, d_imgs, texts, planes, d_full), without)
