@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from solutions.customer_service.dst import RECALL_TURNS, DialogueStateTracker, encode_pairs, intent_features
+from solutions.customer_service.dst import RECALL_TURNS, DialogueStateTracker, encode_pairs, intent_logits
 from solutions.customer_service.encoder import MiniLMEncoder
 from solutions.customer_service.focus import FocusGraph
 from solutions.customer_service.reply import (
@@ -72,17 +73,18 @@ class AgentAssist:
         self._pair_cache: dict[tuple[str, str], Any] = {}
 
     @torch.inference_mode()
-    def detect_service(self, u: torch.Tensor, s: torch.Tensor) -> str:
-        """Service whose best intent (not NONE) scores highest for this turn."""
+    def detect_service(self, u: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None = None,
+                       seg: torch.Tensor | None = None) -> str:
+        """Service whose best intent (not NONE) scores highest for this turn (``h``/``seg``: the turn's
+        tokens, read by trackers with an intent reader)."""
         names, ds = [], []
         for svc in self.schemas:
             for it in self.schemas[svc]["intents"]:
                 names.append(svc)
                 ds.append(self.bank.intent(svc, it["name"]))
         d = torch.stack(ds)
-        n = len(names)
-        lg = self.tracker.heads.intent(intent_features(u.expand(n, -1), s.expand(n, -1), d, torch.zeros(n)))
-        return names[int(lg.squeeze(-1).argmax())]
+        lg = intent_logits(self.tracker.heads, u, s, d, torch.zeros(len(names)), h, seg)
+        return names[int(lg.argmax())]
 
     def _earlier_pairs(self, history: list[tuple[str, str]]) -> list[tuple[Any, str]]:
         """(features, agent text) of the last RECALL_TURNS earlier (customer, preceding agent) pairs, for
@@ -124,7 +126,9 @@ class AgentAssist:
         svcs = [s for s in (services or []) if s in self.schemas]
         if not svcs:
             known = [s for s in prev_state if s in self.schemas]
-            detected = self.detect_service(torch.from_numpy(feats.u).float(), torch.from_numpy(feats.s).float())
+            detected = self.detect_service(torch.from_numpy(feats.u).float(), torch.from_numpy(feats.s).float(),
+                                           torch.from_numpy(feats.h).float(),
+                                           torch.from_numpy(feats.seg.astype(np.int64)))
             svcs = sorted(set(known) | {detected})
         past = self._earlier_pairs(history[:-1])
         state = self.tracker.step(prev_state, feats, user, system, svcs, self.bank, past) if user else dict(prev_state)

@@ -238,8 +238,12 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         bt = torch.tensor(b)
         k, d, m = it_k[bt], it_d[bt], it_d.shape[1]
         n = len(b)
+        pu = None
+        if heads.intent_reader is not None:
+            h, seg, mask = tokens(k)
+            pu = heads.intent_reader(h, mask & (seg == 0), M[d]).reshape(n * m, -1)
         x = intent_features(U[k].repeat_interleave(m, 0), S[k].repeat_interleave(m, 0), M[d.reshape(-1)],
-                            it_w[bt].reshape(-1))
+                            it_w[bt].reshape(-1), pu)
         lg = heads.intent(x).view(n, m).masked_fill(~it_m[bt], -1e4)
         return ce(lg, it_y[bt])
 
@@ -298,7 +302,8 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
                    else ("status", loss_status_flat, len(ex.status), bs // 4))
     plan = [("intent", loss_intent, len(ex.intent), bs // 2), status_step,
             ("value", loss_value, len(ex.value), bs // 2), ("span", loss_span, len(ex.span), bs // 8)]
-    tok_len = {"status": [len(feats[k_].seg) for k_ in st_turns] if GROUP_STATUS_BY_TURN
+    tok_len = {"intent": [len(feats[e[0]].seg) for e in ex.intent] if heads.intent_reader is not None else None,
+               "status": [len(feats[k_].seg) for k_ in st_turns] if GROUP_STATUS_BY_TURN
                else [len(feats[e[0]].seg) for e in ex.status], "span": [len(feats[e[0]].seg) for e in ex.span]}
     steps = [(name, fn, b) for _ in range(cfg.epochs) for name, fn, n, bs in plan
              for b in _batches(n, bs, rng, tok_len.get(name))]

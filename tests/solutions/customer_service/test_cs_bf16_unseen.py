@@ -68,3 +68,40 @@ def test_unseen_biases_apply_only_to_services_outside_training(tracker: Dialogue
     assert forced[unseen]["slot_values"] == {}
     assert forced[seen]["slot_values"] == base[seen]["slot_values"]  # seen services keep their biases
     assert forced[seen]["requested_slots"] == [] and forced[unseen]["requested_slots"] == []
+
+
+def test_intent_reader_trains_saves_and_tracks(tmp_path: Path) -> None:
+    import random
+
+    import torch
+
+    from solutions.customer_service.dst import TrackerConfig, TrackerHeads, intent_logits
+    from solutions.customer_service.dst_train import train_tracker
+
+    tr = load_sgd(SHARED, "train")
+    svc = "Restaurants_1"
+    dialogues = random.Random(1).sample([d for d in tr.dialogues if d["services"] == [svc]], 4)
+    enc = MiniLMEncoder(cache_dir=tmp_path / "cache")
+    tracker = train_tracker(dialogues, {svc: tr.schemas[svc]}, enc, TrackerConfig(epochs=1, intent_reader=True))
+    assert tracker.heads.intent_reader is not None
+    tracker.save(tmp_path / "dst")
+    loaded = DialogueStateTracker.load(tmp_path / "dst", enc)
+    assert loaded.cfg.intent_reader and loaded.heads.intent_reader is not None
+    user = "I want to book a table at Sino at 7 pm."
+    f = encode_pairs(enc, [user], [""])[0]
+    st = loaded.step({}, f, user, "", [svc], loaded.bank({svc: tr.schemas[svc]}))
+    assert st[svc]["active_intent"] in {"NONE"} | {i["name"] for i in tr.schemas[svc]["intents"]}
+    # the reader's scores depend on the tokens: without them the head refuses instead of guessing
+    u, s = torch.from_numpy(f.u).float(), torch.from_numpy(f.s).float()
+    d = torch.randn(3, 384)
+    with pytest.raises(ValueError, match="tokens"):
+        intent_logits(loaded.heads, u, s, d, torch.zeros(3))
+    g = encode_pairs(enc, ["What is the weather like in Paris tomorrow?"], [""])[0]
+    with torch.no_grad():
+        a = intent_logits(loaded.heads, u, s, d, torch.zeros(3), torch.from_numpy(f.h).float(),
+                          torch.from_numpy(f.seg.astype(np.int64)))
+        b = intent_logits(loaded.heads, u, s, d, torch.zeros(3), torch.from_numpy(g.h).float(),
+                          torch.from_numpy(g.seg.astype(np.int64)))
+    assert a.shape == (3,) and not torch.allclose(a, b)
+    # configs stored before the reader existed load without it
+    assert TrackerHeads(TrackerConfig()).intent_reader is None
