@@ -47,6 +47,9 @@ def _threads() -> None:
     import torch
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
+    from solutions.industrial_qa.detector import keep_freed_heap
+
+    keep_freed_heap()  # scoring reuses freed buffers instead of page-faulting fresh ones (1.3x)
 
 
 @app.command()

@@ -93,8 +93,9 @@ def sync_versions(line: str) -> None:
 
 @functools.lru_cache(maxsize=4)
 def _load_detector(path: str, mtime: float):  # noqa: ANN202  (cached per version folder)
-    from solutions.industrial_qa.detector import AnomalyDetector
+    from solutions.industrial_qa.detector import AnomalyDetector, keep_freed_heap
 
+    keep_freed_heap()  # the worker scores many batches: reuse freed buffers (1.3x, BENCHMARKS)
     return AnomalyDetector.load(Path(path))
 
 
