@@ -414,12 +414,13 @@ class EWC(TrainerHook):
                         break
                     n = batch_size_of(batch) if budget is None else min(batch_size_of(batch), budget - seen)
                     part = _head(batch, n)
+                    seen_in.clear()
                     logits = self.output_fn(model, part)
                     flat = logits.reshape(-1, logits.shape[-1]).float()  # (N, C)
                     logp = torch.log_softmax(flat, dim=-1)
                     prob = logp.detach().exp()
-                    outs = []
-                    for name, m in layers.items():
+                    outs, reached = [], [(name, m) for name, m in layers.items() if name in seen_in]
+                    for name, m in reached:  # layers this forward did not run get no statistics
                         x, out = seen_in[name]
                         a = x.detach().reshape(-1, m.in_features).double()
                         if m.bias is not None:
@@ -437,8 +438,11 @@ class EWC(TrainerHook):
                         drawn = torch.multinomial(prob, 1)  # (N, 1): y ~ p(y|x)
                         losses = [-safe.gather(1, drawn).sum()]
                     for k, loss in enumerate(losses):
-                        grads = torch.autograd.grad(loss, outs, retain_graph=k < len(losses) - 1)
-                        for (name, m), g in zip(layers.items(), grads, strict=True):
+                        grads = torch.autograd.grad(loss, outs, retain_graph=k < len(losses) - 1,
+                                                    allow_unused=True)
+                        for (name, m), g in zip(reached, grads, strict=True):
+                            if g is None:  # output does not reach the logits: zero gradient
+                                continue
                             g = g.reshape(-1, m.out_features).double()
                             g_sum[name] += (g.T @ g).cpu()
                     seen += n
@@ -450,7 +454,7 @@ class EWC(TrainerHook):
         if seen == 0:
             raise DataError("EWC consolidation got an empty loader: no data to estimate the Fisher on")
         out: dict[str, torch.Tensor] = {}
-        for name in layers:
+        for name in (n for n in layers if rows[n] > 0):
             out[f"{name}#A"] = (a_sum[name] / rows[name]).float()
             out[f"{name}#G"] = (g_sum[name] / rows[name]).float()  # one prediction per input row
         return out

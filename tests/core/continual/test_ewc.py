@@ -444,3 +444,9 @@ def test_kfac_on_sequence_logits_with_a_large_vocabulary() -> None:
     with torch.no_grad():
         lm[3].weight.add_(0.1)
     assert float(ewc.penalty(lm)) > 0
+
+
+def test_kfac_skips_layers_the_forward_does_not_run(net: Net) -> None:
+    net.spare = nn.Linear(3, 3)  # registered but never called by forward
+    factors = EWC(1.0, fisher="kfac").estimate_kfac(net, task_data(30))
+    assert {k.split("#")[0] for k in factors} == {"body.0", "head"}
