@@ -103,6 +103,14 @@ static inline float hsum8(__m256 v) {
 }
 #endif
 
+/* fp32 weight stream prefetch into L2, F32_PF_DIST bytes ahead (one call per 64-byte line). Decode
+   reads each weight once from DRAM; a 4 KiB lead measured 4.4-5.7% faster decode of the 68.9M bench
+   LM than none in three side-by-side runs on the 2-core AVX-512 VM (2 KiB slower, 8 KiB no gain). */
+#ifndef F32_PF_DIST
+#define F32_PF_DIST 4096
+#endif
+#define F32_PF(p) _mm_prefetch((const char*)(p) + F32_PF_DIST, _MM_HINT_T1)
+
 /* fp32 batch-1 matvec y[n] = sum_k x[k] * w[n, k] (+ bias[n]): the core LM's decode step. MKL's
    sgemm at M=1 streams a 512x512 weight at ~8 GB/s on the reference CPU; this loop reaches ~15 GB/s. */
 void f32_mv(const float* x, const float* w, const float* bias, float* y, int N, int K, int nth) {
@@ -114,6 +122,7 @@ void f32_mv(const float* x, const float* w, const float* bias, float* y, int N, 
 #ifdef __AVX512F__
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (; k + 32 <= K; k += 32) {
+      F32_PF(wr + k); F32_PF(wr + k + 16);
       a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(wr + k), a0);
       a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(wr + k + 16), a1);
     }
@@ -121,6 +130,7 @@ void f32_mv(const float* x, const float* w, const float* bias, float* y, int N, 
 #elif defined(USE_AVX2)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; k + 32 <= K; k += 32) {
+      F32_PF(wr + k); F32_PF(wr + k + 16);
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(wr + k), a0);
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(wr + k + 8), a1);
       a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(wr + k + 16), a2);
@@ -150,6 +160,7 @@ void f32_mm(const float* x, const float* w, const float* bias, float* y, int M, 
       __m512 acc[4];
       for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
       for (; k + 16 <= K; k += 16) {
+        if (m0 == 0) F32_PF(wr + k);
         __m512 wv = _mm512_loadu_ps(wr + k);
         for (int i = 0; i < mb; i++)
           acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)(m0 + i) * K + k), wv, acc[i]);
@@ -159,6 +170,7 @@ void f32_mm(const float* x, const float* w, const float* bias, float* y, int M, 
       __m256 acc[4];
       for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
       for (; k + 8 <= K; k += 8) {
+        if (m0 == 0 && !(k & 15)) F32_PF(wr + k);
         __m256 wv = _mm256_loadu_ps(wr + k);
         for (int i = 0; i < mb; i++)
           acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)(m0 + i) * K + k), wv, acc[i]);
