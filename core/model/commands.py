@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("generate")
     def generate_cmd(prompt: Annotated[str, typer.Argument(help="Text to continue (or a user message with --chat).")],
-                     model_dir: Annotated[Path | None, typer.Option(help="HF-layout checkpoint; default LM if omitted")] = None,
+                     model_dir: Annotated[Path | None, typer.Option(help="HF-layout or quantized checkpoint; default LM if omitted")] = None,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                      chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user chat turn.")] = False,
                      speculative: Annotated[bool, typer.Option(help="MTP self-speculative (greedy only).")] = False,
@@ -76,11 +76,11 @@ def register(app: typer.Typer) -> None:
         _quiet_hf()
         from core.model.default import load_default_lm
         from core.model.generate import SamplingParams, speculative_generate, stream
-        from core.model.hf import load_pretrained
         from core.model.tokenizer import Tokenizer
+        from core.quant.models import load_model
 
-        if model_dir is not None:
-            model, tok = load_pretrained(model_dir), Tokenizer.load(model_dir)
+        if model_dir is not None:  # a float checkpoint or a quantized one (core/quant manifest)
+            model, tok = load_model(model_dir), Tokenizer.load(model_dir)
         else:
             model, tok = load_default_lm(progress=True)
         ids = tok.chat_ids([("user", prompt)]) if chat else tok.encode(prompt, bos=True)

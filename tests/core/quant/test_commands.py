@@ -89,3 +89,26 @@ def test_prune_command(quant_home, model_dir, text_file, tmp_path, capsys) -> No
     code, stdout, err = _run(["core", "eval-ppl", "--model", str(tmp_path / "p"), "--data", str(text_file),
                               "--json"], capsys)
     assert code == 0, err
+
+
+def test_generate_runs_a_quantized_checkpoint(quant_home, tiny_model, text_file, tmp_path, capsys) -> None:
+    """`core generate --model-dir` opens a quantized directory (manifest, no fp32 weights) like a float one,
+    and prints the quantized model's own greedy continuation."""
+    from core.model.generate import SamplingParams, generate
+    from core.model.tokenizer import Tokenizer as CoreTokenizer
+    from core.quant.models import load_model
+
+    tok = CoreTokenizer.train(TEXT, vocab_size=tiny_model.args.vocab_size, min_frequency=1)
+    src = save_pretrained(tiny_model, tmp_path / "lm-core")
+    tok.save(src)
+    out = tmp_path / "q8"
+    code, _, err = _run(["core", "quantize", "--model", str(src), "--bits", "8", "--calibration-data",
+                         str(text_file), "--out", str(out)], capsys)
+    assert code == 0, err
+    code, stdout, err = _run(["core", "generate", "my card was", "--model-dir", str(out),
+                              "--max-new-tokens", "8"], capsys)
+    assert code == 0, err
+    qtok = CoreTokenizer.load(out)
+    ids = qtok.encode("my card was", bos=True)
+    want = generate(load_model(out), [ids], SamplingParams(max_new_tokens=8, eos_token_id=qtok.eos_id))[0]
+    assert stdout.strip() == qtok.decode(want).strip()
