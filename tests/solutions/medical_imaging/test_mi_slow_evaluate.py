@@ -24,10 +24,11 @@ def test_evaluate_trains_then_beats_both_baselines(tmp_path: Path, shared_data: 
     for base in ("retrieval", "template"):
         for k in ("bleu4", "rouge_l", "chrf", "semantic_similarity"):
             assert res[k] > res["baselines"][base][k], (k, base, res)
-    # Regression floors at the measured level (0.878 / 0.782 on 2026-11-23); the targets
-    # (0.98 / 0.85) are NOT reached yet, see solutions/medical_imaging/README.md.
-    assert res["modality_accuracy"] >= 0.90  # 0.939 with fusion (0.893 CNN alone, `cnn_only`)
-    assert res["region_accuracy"] >= 0.75
+    # Regression floors below the measured level (0.954 / 0.802 on 2026-11-24; the CNN alone 0.888 /
+    # 0.802, `cnn_only`); the targets (0.98 / 0.85) are NOT reached yet, see
+    # solutions/medical_imaging/README.md.
+    assert res["modality_accuracy"] >= 0.92
+    assert res["region_accuracy"] >= 0.77
     assert res["retrieval_recall_at_5"] > res["retrieval_chance_at_5"]
 
 
