@@ -133,6 +133,8 @@ class EWC(TrainerHook):
             same stationary point, but stable for any ``lr * lambda * W`` (an explicit step diverges
             once it exceeds ~2), so ``lambda`` can be large enough to also hold the many weights whose
             individual Fisher is tiny.
+        kfac_tol: ``fisher="kfac"`` only: eigenvalues of each Kronecker factor below ``kfac_tol`` times
+            its largest are dropped (those directions are left unprotected; fewer kept = cheaper step).
         consolidate_at_task_end: consolidate in ``after_task`` (turn off to call :meth:`consolidate`
             yourself, e.g. on a held-out loader or once per several trainer.fit calls).
     """
