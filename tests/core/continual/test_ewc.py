@@ -84,16 +84,18 @@ def test_per_sample_fisher_is_mean_of_squared_sample_gradients(net: Net) -> None
     torch.testing.assert_close(fisher["head.weight"], expected / len(y))
 
 
-def test_grad_mode_adds_exactly_the_penalty_gradient(net: Net) -> None:
-    batch = task_data(14)[0]
+def assert_grad_mode_matches_loss_mode(net: Net, make_ewc, tasks: list, batch, shift: float) -> None:  # noqa: ANN001
+    """apply='grad' (penalty gradient added after backward) == apply='loss' (penalty in the loss), after
+    consolidating each of ``tasks`` and moving every weight by ``shift`` after each."""
     grads = {}
     for apply in ("loss", "grad"):
-        ewc = EWC(50.0, apply=apply)  # type: ignore[arg-type]
+        ewc = make_ewc(apply)
         model = copy.deepcopy(net)
-        ewc.consolidate(model, loss_fn, task_data(15), "a")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2)
+        for i, data in enumerate(tasks):
+            ewc.consolidate(model, loss_fn, data, f"t{i}")
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(shift)
         trainer = type("T", (), {"model": model})()
         loss = ewc.before_backward(trainer, loss_fn(model, batch))
         loss.backward()
@@ -101,6 +103,11 @@ def test_grad_mode_adds_exactly_the_penalty_gradient(net: Net) -> None:
         grads[apply] = [p.grad.clone() for p in model.parameters()]
     for g_loss, g_grad in zip(grads["loss"], grads["grad"], strict=True):
         torch.testing.assert_close(g_grad, g_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_mode_adds_exactly_the_penalty_gradient(net: Net) -> None:
+    assert_grad_mode_matches_loss_mode(net, lambda apply: EWC(50.0, apply=apply), [task_data(15)],
+                                       task_data(14)[0], 0.2)
 
 
 def test_online_decay_arithmetic(net: Net) -> None:
@@ -352,25 +359,9 @@ def test_kfac_penalty_is_the_kronecker_quadratic_form(net: Net) -> None:
 
 @pytest.mark.parametrize("mode", ["separate", "online"])
 def test_kfac_grad_mode_adds_exactly_the_penalty_gradient(net: Net, mode: str) -> None:
-    grads = {}
-    for apply in ("loss", "grad"):
-        ewc = EWC(40.0, fisher="kfac", apply=apply, mode=mode)  # type: ignore[arg-type]
-        model = copy.deepcopy(net)
-        ewc.consolidate(model, loss_fn, task_data(22), "a")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1)
-        ewc.consolidate(model, loss_fn, task_data(23), "b")  # two terms (online: one shared anchor)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1)
-        trainer = type("T", (), {"model": model})()
-        loss = ewc.before_backward(trainer, loss_fn(model, task_data(24)[0]))
-        loss.backward()
-        ewc.after_backward(trainer)
-        grads[apply] = [p.grad.clone() for p in model.parameters()]
-    for g_loss, g_grad in zip(grads["loss"], grads["grad"], strict=True):
-        torch.testing.assert_close(g_grad, g_loss, rtol=1e-4, atol=1e-6)
+    # two consolidations: two terms (online: one shared anchor)
+    assert_grad_mode_matches_loss_mode(net, lambda apply: EWC(40.0, fisher="kfac", apply=apply, mode=mode),
+                                       [task_data(22), task_data(23)], task_data(24)[0], 0.1)
 
 
 def test_kfac_online_shares_the_latest_anchor_and_decays(net: Net) -> None:
