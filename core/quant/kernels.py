@@ -367,6 +367,17 @@ static int scratch(int64_t n) {
   return 0;
 }
 
+/* A call's quantized activation rows, in the thread's scratch: xq (M, K) int8, d / xs (M, K/B) block
+   scales / block sums (q8_rows); xp: the int4 VNNI kernel's group-pair interleaved copy, else 0. */
+typedef struct { const int8_t* xq; const int8_t* xp; const float* d; const float* xs; } qact;
+static int q8_prep(const float* x, int M, int K, int B, qact* a) {
+  if (scratch((int64_t)M * K)) return -1;
+  float* xs = tl_d + (int64_t)M * (K / B) + 8;
+  q8_rows(x, tl_xq, tl_d, xs, M, K, B);
+  a->xq = tl_xq; a->d = tl_d; a->xs = xs; a->xp = 0;
+  return 0;
+}
+
 #define NR 4  /* output rows per step: the activation loads are shared by NR weight rows */
 /* Software prefetch into L2, PF_DIST bytes ahead in the weight stream. Decode weights come from DRAM
    and a tile of NR short rows is several short streams that the hardware prefetcher does not keep
@@ -455,11 +466,10 @@ static inline __attribute__((always_inline)) void w8q_rows(const int8_t* xr, con
 /* y[m, n] = s[n] * sum_b d[m, b] isum_b(xq[m] w[n]) (+ bias[n]); x (M, K) fp32, w (N, K) int8; K % B == 0 */
 int w8q_mm(const float* x, const int8_t* w, const float* s, const float* bias, float* y,
            int M, int N, int K, int B, int nth) {
-  if (scratch((int64_t)M * K)) return -1;
-  int8_t* xq = tl_xq;
-  float* d = tl_d;
-  float* xs = tl_d + (int64_t)M * (K / B) + 8;
-  q8_rows(x, xq, d, xs, M, K, B);
+  qact a;
+  if (q8_prep(x, M, K, B, &a)) return -1;
+  const int8_t* xq = a.xq;
+  const float *d = a.d, *xs = a.xs;
   int nb = K / B, nq = (N + NR - 1) / NR;
   #pragma omp parallel for num_threads(nth) schedule(static)
   for (int t = 0; t < nq; t++) {
@@ -481,11 +491,10 @@ int w8q_mm(const float* x, const int8_t* w, const float* s, const float* bias, f
 /* The int8 gated-MLP first half: y = silu(x Wg^T * sg + bg) * (x Wu^T * su + bu), one activation quantization */
 int w8q_gu_mm(const float* x, const int8_t* wg, const float* sg, const float* bg, const int8_t* wu, const float* su,
               const float* bu, float* y, int M, int N, int K, int B, int nth) {
-  if (scratch((int64_t)M * K)) return -1;
-  int8_t* xq = tl_xq;
-  float* d = tl_d;
-  float* xs = tl_d + (int64_t)M * (K / B) + 8;
-  q8_rows(x, xq, d, xs, M, K, B);
+  qact a;
+  if (q8_prep(x, M, K, B, &a)) return -1;
+  const int8_t* xq = a.xq;
+  const float *d = a.d, *xs = a.xs;
   int nb = K / B, nq = (N + NR - 1) / NR;
   #pragma omp parallel for num_threads(nth) schedule(static)
   for (int t = 0; t < nq; t++) {
@@ -679,18 +688,13 @@ static inline __attribute__((always_inline)) void w4q_rows(const int8_t* xr, con
 }
 
 /* y = x W^T (+ bias) with W int4 (packed (N, K/2), sc/mn fp16 (N, K/G)), x quantized to int8 per group */
-/* The activation side of one int4 call: rows quantized per group (q8_rows) and, for the VNNI G = 64
+/* The activation side of one int4 call: rows quantized per group (q8_prep) and, for the VNNI G = 64
    kernel, the copy with group pairs interleaved ([g lo | g+1 lo | g hi | g+1 hi], 32 bytes each). */
-typedef struct { const int8_t* xq; const int8_t* xp; const float* d; const float* xs; } qact;
 static int q4_prep(const float* x, int M, int K, int G, qact* a) {
-  if (scratch((int64_t)M * K)) return -1;
-  int8_t* xq = tl_xq;
-  float* d = tl_d;
-  float* xs = tl_d + (int64_t)M * (K / G) + 8;
-  q8_rows(x, xq, d, xs, M, K, G);
-  a->xq = xq; a->d = d; a->xs = xs; a->xp = 0;
+  if (q8_prep(x, M, K, G, a)) return -1;
 #ifdef INT_DOT_VNNI
   if (G == 64) {
+    const int8_t* xq = a->xq;
     int ng = K / G;
     int8_t* pp = tl_xq + (int64_t)M * K + 64;
     for (int m = 0; m < M; m++)
