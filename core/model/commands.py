@@ -62,7 +62,8 @@ def register(app: typer.Typer) -> None:
             model, tok = load_default_lm(progress=True)
             prompts = [tok.chat_ids([("user", q)]) for q in SPEC_PROMPTS_CHAT] + \
                       [tok.encode(t, bos=True) for t in SPEC_PROMPTS_TEXT]
-            res["mtp_speculative"] = bench_speculative(model, prompts, new_tokens=new_tokens, repeats=repeats)
+            res["mtp_speculative"] = bench_speculative(model, prompts, new_tokens=new_tokens, repeats=repeats,
+                                                       eos_token_id=tok.eos_id)  # stop at EOS, as real use does
         _emit(res)
 
     @app.command("generate")
