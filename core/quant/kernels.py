@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -1076,7 +1076,12 @@ def bind_decode(bits: int, q: torch.Tensor, scale: torch.Tensor, minv: torch.Ten
     if bound is None:
         return None
     ctx, N, K = bound
-    fn = lib.w8q_call if bits == 8 else lib.w4q_call
+    return _decode_runner(lib.w8q_call if bits == 8 else lib.w4q_call, N, K, ctx)
+
+
+def _decode_runner(fn: Any, N: int, K: int, *ctxs: Any) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """``run(x)``: the bound C entry ``fn(x, y, M, threads, *ctxs)`` on a decode-shaped fp32 ``x``
+    (..., K) into a new (..., N) output; None when ``x`` cannot take it or the call fails."""
     f32 = torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
@@ -1086,7 +1091,7 @@ def bind_decode(bits: int, q: torch.Tensor, scale: torch.Tensor, minv: torch.Ten
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty(*x.shape[:-1], N, dtype=f32)
-        if fn(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), ctx) != 0:
+        if fn(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), *ctxs) != 0:
             return None
         return y
 
@@ -1108,21 +1113,7 @@ def bind_gate_up(bits: int, gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if bg is None or bu is None or bg[1:] != bu[1:] or gate[0].shape != up[0].shape:
         return None
     (cg, N, K), cu = bg, bu[0]
-    fn = lib.w8q_gu_call if bits == 8 else lib.w4q_gu_call
-    f32 = torch.float32
-
-    def run(x: torch.Tensor) -> torch.Tensor | None:
-        M = _decode_rows(x, K)
-        if not M:
-            return None
-        if not x.is_contiguous():
-            x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], N, dtype=f32)
-        if fn(x.data_ptr(), y.data_ptr(), M, _threads or kernel_threads(), cg, cu) != 0:
-            return None
-        return y
-
-    return run
+    return _decode_runner(lib.w8q_gu_call if bits == 8 else lib.w4q_gu_call, N, K, cg, cu)
 
 # ---------------------------------------------------------------------------------------------------
 # Measurement: which path is fastest for a decode-shaped matmul on this machine
