@@ -49,6 +49,8 @@ MAX_SPAN_TOKENS = 12
 # Pairs per encoder call, after sorting by length: small batches pad little (a turn is ~20-60 tokens);
 # 16 reads ~20% fewer padded tokens than 64 on real SGD turns at the same speed per token.
 PAIR_BATCH = 16
+# Conversations whose next turn runs through the heads in one call in ``track_sgd`` (see ``step_many``).
+HEAD_BATCH = 32
 # "Just one, please" must match the categorical value "1".
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -293,6 +295,18 @@ class TurnFeatures:
     offsets: list[tuple[int, int]]   # char offsets into the user / system text
 
 
+@dataclass
+class TurnJob:
+    """One conversation's next user turn for ``DialogueStateTracker.step_many``."""
+
+    state: dict[str, dict[str, Any]]             # state before the turn
+    feats: TurnFeatures                          # encoder output of (user, previous system)
+    user: str
+    system: str
+    services: Sequence[str]                      # services to update (other frames are kept)
+    history: Sequence[tuple[TurnFeatures, str]] = ()  # earlier pairs (features, system text), oldest first
+
+
 def encode_pairs(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequence[str],
                  desc: str = "", reporter: Any = None, batch_size: int = PAIR_BATCH) -> list[TurnFeatures]:
     """Encode (user, previous system) pairs; large sets are cached on disk (one file per set)."""
@@ -401,7 +415,6 @@ class DialogueStateTracker:
         return self._banks[key]
 
     # -- one turn ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self, state: dict[str, dict[str, Any]], feats: TurnFeatures, user: str, system: str,
              services: Sequence[str], bank: SchemaBank,
              history: Sequence[tuple[TurnFeatures, str]] = ()) -> dict[str, dict[str, Any]]:
@@ -409,65 +422,108 @@ class DialogueStateTracker:
 
         ``history``: (features, system text) of the dialogue's earlier pairs, oldest first; a ``recall``
         reads an offered value from their system tokens (without it, ``recall`` keeps the old value)."""
-        new = {k: {**v, "slot_values": dict(v["slot_values"]), "requested_slots": []} for k, v in state.items()}
-        u = torch.from_numpy(feats.u).float()
-        s = torch.from_numpy(feats.s).float()
-        h = torch.from_numpy(feats.h).float()
-        if h.shape[0] == 0:  # nothing to read (cannot happen for real text; keeps shapes valid)
-            h, feats = torch.zeros(1, DIM), TurnFeatures(feats.u, feats.s, np.zeros((1, DIM), np.float16),
-                                                         np.zeros(1, np.int8), [(0, 0)])
-        seg = torch.from_numpy(feats.seg.astype(np.int64))[None]
-        mask = torch.ones_like(seg, dtype=torch.bool)
-        bank.ensure(services)
+        return self.step_many([TurnJob(state, feats, user, system, services, history)], bank)[0]
+
+    @torch.inference_mode()
+    def step_many(self, jobs: Sequence[TurnJob], bank: SchemaBank) -> list[dict[str, dict[str, Any]]]:
+        """``step`` for the next user turn of several conversations at once (one turn per conversation).
+
+        The intent and slot heads run once over all the jobs' (service, intent) and (service, slot) items
+        (their logits depend only on the previous state, so the result equals stepping the jobs one by
+        one); the per-slot value reads (categorical value, span, copy, recall) stay per slot. The heads
+        are weight-bandwidth bound, so one call for many turns costs little more than one for one turn."""
+        if not jobs:
+            return []
+        bank.ensure(sorted({s for j in jobs for s in j.services}))
         trained = set(self.cfg.trained_services)  # the rest are tracked zero-shot
-        for svc in services:
+        feats = [j.feats if j.feats.h.shape[0] else  # nothing to read (cannot happen for real text)
+                 TurnFeatures(j.feats.u, j.feats.s, np.zeros((1, DIM), np.float16), np.zeros(1, np.int8), [(0, 0)])
+                 for j in jobs]
+        n, t = len(jobs), max(f.h.shape[0] for f in feats)
+        h = torch.zeros(n, t, DIM)
+        seg = torch.full((n, t), 2, dtype=torch.long)  # 2 = padding: neither the user nor the system side
+        for i, f in enumerate(feats):
+            h[i, : f.h.shape[0]] = torch.from_numpy(f.h).float()
+            seg[i, : f.h.shape[0]] = torch.from_numpy(f.seg.astype(np.int64))
+        mask = seg < 2
+        u = torch.from_numpy(np.stack([f.u for f in feats])).float()
+        s = torch.from_numpy(np.stack([f.s for f in feats])).float()
+        # items: one per (job, service); intent candidates per job padded to the longest list
+        items: list[tuple[int, str, list[str], int, int]] = []  # job, service, intent names, cand. offset, slot offset
+        cand: list[list[torch.Tensor]] = [[] for _ in jobs]
+        i_rows, i_pos, was_l, s_rows, s_d, has_l, cat_l = [], [], [], [], [], [], []
+        for i, j in enumerate(jobs):
+            for svc in j.services:
+                schema = bank.schemas[svc]
+                prev = j.state.get(svc, empty_frame())
+                names = ["NONE"] + [x["name"] for x in schema["intents"]]
+                items.append((i, svc, names, len(i_rows), len(s_rows)))
+                i_rows += [i] * len(names)
+                i_pos += range(len(cand[i]), len(cand[i]) + len(names))
+                cand[i] += [bank.none_intent] + [bank.intent(svc, x) for x in names[1:]]
+                was_l += [float(x == prev["active_intent"]) for x in names]
+                for sl in schema["slots"]:
+                    s_rows.append(i)
+                    s_d.append(bank.slot(svc, sl["name"]))
+                    has_l.append(float(sl["name"] in prev["slot_values"]))
+                    cat_l.append(float(bool(sl.get("is_categorical"))))
+        new = [{k: {**v, "slot_values": dict(v["slot_values"]), "requested_slots": []} for k, v in j.state.items()}
+               for j in jobs]
+        if not items:
+            return new
+        ir, ip = torch.tensor(i_rows), torch.tensor(i_pos)
+        d_i = torch.stack([c for cs in cand for c in cs])
+        pu = None
+        if self.heads.intent_reader is not None:
+            m = max(len(cs) for cs in cand)
+            dpad = torch.zeros(n, m, DIM)
+            dpad[ir, ip] = d_i
+            pu = self.heads.intent_reader(h, seg == 0, dpad)[ir, ip]
+        il = self.heads.intent(intent_features(u[ir], s[ir], d_i, torch.tensor(was_l), pu)).squeeze(-1)
+        if s_rows:
+            sr = torch.tensor(s_rows)
+            st_all, req_all = self.heads.slot(h, seg, mask, torch.stack(s_d), u[sr], s[sr], torch.tensor(has_l),
+                                              torch.tensor(cat_l), rows=sr)
+        for i, svc, names, io, so in items:
+            j, f, st_new = jobs[i], feats[i], new[i]
             schema = bank.schemas[svc]
             unseen = svc not in trained
             stay_bias = (self.cfg.intent_stay_bias_unseen if unseen and self.cfg.intent_stay_bias_unseen is not None
                          else self.cfg.intent_stay_bias)
             status_bias = (self.cfg.status_logit_bias_unseen if unseen and self.cfg.status_logit_bias_unseen is not None
                            else self.cfg.status_logit_bias)
-            frame = new.setdefault(svc, empty_frame())
-            prev = state.get(svc, empty_frame())
-            # intent
-            names = ["NONE"] + [i["name"] for i in schema["intents"]]
-            d = torch.stack([bank.none_intent] + [bank.intent(svc, n) for n in names[1:]])
-            was = torch.tensor([float(n == prev["active_intent"]) for n in names])
-            logits = intent_logits(self.heads, u, s, d, was, h, seg[0])
+            frame = st_new.setdefault(svc, empty_frame())
+            prev = j.state.get(svc, empty_frame())
+            logits = il[io: io + len(names)]
             if prev["active_intent"] != "NONE":
-                logits = logits + stay_bias * was
+                logits = logits + stay_bias * torch.tensor(was_l[io: io + len(names)])
             frame["active_intent"] = names[int(logits.argmax())]
-            # requested slots + status: one slot-conditioned read of the turn's tokens per slot
             slots = schema["slots"]
-            ds = torch.stack([bank.slot(svc, sl["name"]) for sl in slots])
-            k = len(slots)
-            has = torch.tensor([float(sl["name"] in prev["slot_values"]) for sl in slots])
-            cat = torch.tensor([float(bool(sl.get("is_categorical"))) for sl in slots])
-            st_logits, req = self.heads.slot(h[None], seg, mask, ds, u.expand(k, -1), s.expand(k, -1), has, cat,
-                                             rows=torch.zeros(k, dtype=torch.long))
+            if not slots:
+                continue
+            st_logits, req = st_all[so: so + len(slots)], req_all[so: so + len(slots)]
             frame["requested_slots"] = [sl["name"] for sl, r in zip(slots, req.tolist(), strict=True)
                                         if r > self.cfg.request_threshold]
             if status_bias:
                 st_logits = st_logits + torch.tensor(status_bias)
             st = st_logits.argmax(-1)
-            for j, sl in enumerate(slots):
-                kind = STATUS[int(st[j])]
+            hj = h[i, : f.h.shape[0]]
+            for k, sl in enumerate(slots):
+                kind = STATUS[int(st[k])]
                 name = sl["name"]
+                dk = s_d[so + k]
+                v = None
                 if kind == "dontcare":
-                    frame["slot_values"][name] = ["dontcare"]
+                    v = "dontcare"
                 elif kind == "update":
-                    v = (self._categorical(u, s, svc, sl, user, system, bank) if sl.get("is_categorical")
-                         else self._span(h, feats, ds[j], user, system))
-                    if v:
-                        frame["slot_values"][name] = [v]
+                    v = (self._categorical(u[i], s[i], svc, sl, j.user, j.system, bank) if sl.get("is_categorical")
+                         else self._span(hj, f, dk, j.user, j.system))
                 elif kind == "copy":
-                    v = self._copy(new, svc, name, ds[j], bank)
-                    if v:
-                        frame["slot_values"][name] = [v]
+                    v = self._copy(st_new, svc, name, dk, bank)
                 elif kind == "recall" and not sl.get("is_categorical"):
-                    v = self._recall(history, ds[j])
-                    if v:
-                        frame["slot_values"][name] = [v]
+                    v = self._recall(j.history, dk)
+                if v:
+                    frame["slot_values"][name] = [v]
         return new
 
     def _recall(self, history: Sequence[tuple[TurnFeatures, str]], d: torch.Tensor) -> str | None:
@@ -521,9 +577,11 @@ class DialogueStateTracker:
 
     # -- batch of dialogues (evaluation, re-tracking) -----------------------------------------------
     def track_sgd(self, dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, Any]],
-                  desc: str = "tracking", reporter: Any = None, batch_size: int = PAIR_BATCH) -> list[dict[str, Any]]:
+                  desc: str = "tracking", reporter: Any = None, batch_size: int = PAIR_BATCH,
+                  head_batch: int = HEAD_BATCH) -> list[dict[str, Any]]:
         """Predict SGD-format dialogues (frames of each user turn = the services named in the gold
-        frames, as in the official setup); returns copies with predicted ``state``s."""
+        frames, as in the official setup); returns copies with predicted ``state``s. ``head_batch``:
+        conversations whose next turn goes through the heads in one call (1 = one turn at a time)."""
         import copy
 
         bank = self.bank(schemas)
@@ -531,20 +589,36 @@ class DialogueStateTracker:
         feats = encode_pairs(self.encoder, [p[2] for p in pairs], [p[3] for p in pairs], desc=desc, reporter=reporter,
                              batch_size=batch_size)
         out = copy.deepcopy(dialogues)
+        # Turn r of every dialogue is stepped together (a dialogue's turns must go in order); the jobs of
+        # a round are sorted by token length and cut into groups of ``head_batch`` (little padding).
+        rounds: list[list[int]] = []
+        seen: dict[int, int] = {}
+        for k, (di, *_rest) in enumerate(pairs):
+            r = seen[di] = seen.get(di, -1) + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(k)
         states: dict[int, dict[str, Any]] = {}
         history: dict[int, list[tuple[TurnFeatures, str]]] = {}
-        # The heads' ops are tiny: one thread avoids OpenMP barrier stalls on a busy, shared CPU.
+        # The heads' ops are small: one thread avoids OpenMP barrier stalls on a busy, shared CPU.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            for (di, ti, user, system), f in zip(pairs, feats, strict=True):
-                turn = out[di]["turns"][ti]
-                services = [fr["service"] for fr in turn["frames"] if fr["service"] in schemas]
-                past = history.setdefault(di, [])
-                states[di] = self.step(states.get(di, {}), f, user, system, services, bank, past)
-                past.append((f, system))
-                for fr in turn["frames"]:
-                    fr["state"] = json.loads(json.dumps(states[di].get(fr["service"], empty_frame())))
+            for ks in rounds:
+                ks = sorted(ks, key=lambda k: feats[k].h.shape[0])
+                for g0 in range(0, len(ks), head_batch):
+                    group = ks[g0:g0 + head_batch]
+                    jobs = []
+                    for k in group:
+                        di, ti, user, system = pairs[k]
+                        services = [fr["service"] for fr in out[di]["turns"][ti]["frames"] if fr["service"] in schemas]
+                        jobs.append(TurnJob(states.get(di, {}), feats[k], user, system, services, history.get(di, [])))
+                    for k, st in zip(group, self.step_many(jobs, bank), strict=True):
+                        di, ti, _, system = pairs[k]
+                        states[di] = st
+                        history.setdefault(di, []).append((feats[k], system))
+                        for fr in out[di]["turns"][ti]["frames"]:
+                            fr["state"] = json.loads(json.dumps(st.get(fr["service"], empty_frame())))
         finally:
             torch.set_num_threads(threads)
         return out

@@ -79,3 +79,40 @@ def test_two_services_keep_separate_frames(tracker: DialogueStateTracker, schema
             state=a)[-1]
     assert b[TINY_SERVICE] == a[TINY_SERVICE]  # not touched while the customer talks about a ride
     assert "RideSharing_1" in b
+
+
+def test_batched_heads_equal_one_turn_at_a_time(tracker: DialogueStateTracker) -> None:
+    """``track_sgd`` steps the same turn of many dialogues through the heads in one call: the states must
+    be exactly those of stepping every dialogue alone (seen and unseen services, several per turn)."""
+    import random
+
+    dev = load_sgd(SHARED, "dev")
+    multi = [d for d in dev.dialogues if len(d["services"]) > 1]
+    sample = random.Random(3).sample(multi, 4) + random.Random(3).sample(dev.dialogues, 4)
+    alone = tracker.track_sgd(sample, dev.schemas, head_batch=1)
+    together = tracker.track_sgd(sample, dev.schemas, head_batch=8)
+    states = [[fr["state"] for t in d["turns"] for fr in t.get("frames", []) if t["speaker"] == "USER"]
+              for d in together]
+    assert states == [[fr["state"] for t in d["turns"] for fr in t.get("frames", []) if t["speaker"] == "USER"]
+                      for d in alone]
+    assert sum(len(s) for s in states) > 40 and any(fr["slot_values"] for s in states for fr in s)
+    # the one-turn ``step`` path gives the same states too
+    bank = tracker.bank(dev.schemas)
+    d = together[0]
+    user_turns = _pairs(d)
+    feats = encode_pairs(tracker.encoder, [u for _, u, _ in user_turns], [s for _, _, s in user_turns])
+    st, hist = {}, []
+    for (t, user, system), f in zip(user_turns, feats, strict=True):
+        st = tracker.step(st, f, user, system, [fr["service"] for fr in t["frames"]], bank, hist)
+        hist.append((f, system))
+        assert all(st[fr["service"]] == fr["state"] for fr in t["frames"])
+
+
+def _pairs(d: dict) -> list[tuple[dict, str, str]]:
+    system, out = "", []
+    for t in d["turns"]:
+        if t["speaker"] == "USER":
+            out.append((t, t["utterance"], system))
+        else:
+            system = t["utterance"]
+    return out
