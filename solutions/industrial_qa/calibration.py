@@ -32,6 +32,21 @@ def threshold_for_false_alarm_rate(normal_scores: np.ndarray, far: float) -> flo
     return float(s[k - 1])
 
 
+def balanced_threshold(normal_scores: np.ndarray, defect_scores: np.ndarray) -> float:
+    """The threshold (reject when score > threshold) that maximises balanced accuracy
+    ``(specificity + recall) / 2`` on labelled scores (Youden's J); ties go to the higher threshold
+    (fewer false alarms). Candidates are the observed scores."""
+    normal = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
+    defect = np.sort(np.asarray(defect_scores, dtype=np.float64).ravel())
+    if normal.size == 0 or defect.size == 0:
+        raise DataError("a balanced threshold needs both normal and defect scores")
+    cand = np.unique(np.concatenate([normal, defect, [normal[0] - 1.0]]))
+    spec = np.searchsorted(normal, cand, side="right") / normal.size      # normals at or below
+    rec = 1.0 - np.searchsorted(defect, cand, side="right") / defect.size  # defects strictly above
+    j = spec + rec
+    return float(cand[np.flatnonzero(j >= j.max() - 1e-12)[-1]])
+
+
 def false_alarm_rate(normal_scores: np.ndarray, threshold: float) -> float:
     s = np.asarray(normal_scores, dtype=np.float64).ravel()
     return float((s > threshold).mean()) if s.size else float("nan")

@@ -131,6 +131,9 @@ def evaluate(
     fusion: Annotated[str | None, typer.Option(help="Anomaly map: knn, seg or sum.")] = None,
     speed: Annotated[bool, typer.Option(help="Also measure images/s and p95 latency.")] = True,
     speed_images: Annotated[int, typer.Option(help="Images timed for throughput (a third for latency).")] = 128,
+    few_shot_threshold: Annotated[str, typer.Option(
+        help="With --few-shot: 'balanced' (threshold maximising balanced accuracy on the CV scores of "
+             "the shots + held-out normals) or 'far' (the --target-far quantile of the normals).")] = "balanced",
 ) -> None:
     """Fit on DIR/train/good (trains when no matching stored model), score DIR/test, print metrics."""
     _threads()
@@ -140,7 +143,7 @@ def evaluate(
     cb, close = tqdm_progress("train")
     try:
         report = run_eval(data, few_shot, seed, _config(steps, size, coreset, target_far, fusion), line, cb, speed,
-                          max(8, speed_images))
+                          max(8, speed_images), few_shot_threshold)
     finally:
         close()
     if not as_json:

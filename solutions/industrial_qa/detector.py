@@ -356,6 +356,50 @@ class AnomalyDetector:
         small = self._combine(loo[0], loo[1], cz)
         return self.upsample(small, hold_x.shape[-1]).flatten(1).max(1).values.numpy()
 
+    @torch.inference_mode()
+    def holdout_outputs(self, hold_x: np.ndarray) -> MapOutput:
+        """Unsupervised outputs for the held-out normals ``(n, 3, S, S)`` the map statistics were
+        fitted on, each scored with leave-one-out statistics (what the calibrator sees).
+
+        :meth:`score_arrays` on these images would standardise each map with statistics that contain
+        that map itself, so they would look more normal than any new normal part (a few-shot head
+        fitted against them learns a too easy negative class). Here ``knn`` / ``seg`` (and the coarse
+        raw distances) are returned as the raw values whose standardisation under the stored
+        statistics equals their leave-one-out z-score, so every downstream consumer
+        (``standardise``, ``fuse``, the few-shot heads) sees unbiased values. With global statistics
+        (or fewer than 3 images) this is :meth:`score_arrays` unchanged.
+        """
+        ps = self.pos_stats
+        if ps is None or len(hold_x) < 3:
+            saved, self.fewshot = self.fewshot, None
+            try:
+                return self.score_arrays(hold_x)
+            finally:
+                self.fewshot = saved
+        feats, knn, seg, coarse = [], [], [], []
+        for i in range(0, len(hold_x), self.config.batch_size):
+            f, k, s = self._raw(torch.from_numpy(np.ascontiguousarray(hold_x[i:i + self.config.batch_size])))
+            feats.append(f)
+            knn.append(k)
+            seg.append(s)
+            c = self._coarse_raw(f)
+            if c is not None:
+                coarse.append(c)
+        f_all, k_all, s_all = torch.cat(feats), torch.cat(knn), torch.cat(seg)
+        if ps.shape[-2:] != k_all.shape[-2:]:
+            raise DataError("held-out images do not match the model's map size")
+        eq = []
+        for m, mu, sd in ((k_all, ps[0], ps[1]), (s_all, ps[2], ps[3])):
+            z, _, _ = self._loo_z(m, 0.25 * float(m.std(0).mean()) + 1e-6)   # the floors of _fit_normalisation
+            eq.append(z * sd + mu)
+        cz = None
+        if self.coarse_stats is not None and len(coarse) == len(feats):
+            c_all = torch.cat(coarse)
+            z, _, _ = self._loo_z(c_all, 0.25 * float(c_all.std(0).mean()) + 1e-6)
+            cz = self.coarse_map(f_all, raw=z * self.coarse_stats[1] + self.coarse_stats[0])
+        maps = self.upsample(self.fuse(eq[0], eq[1], cz), hold_x.shape[-1])
+        return MapOutput(maps.numpy(), maps.flatten(1).max(1).values.numpy(), f_all, eq[0], eq[1], cz)
+
     def recalibrate(self) -> None:
         """Refit normalisation and calibrator on the held-out normals after an inference setting changed."""
         hold = [Path(p) for p in self.info.get("holdout_paths", [])]
