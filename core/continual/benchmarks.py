@@ -74,6 +74,7 @@ class Benchmark:
     ewc_temperature: float = 1.0  # softmax temperature of the sampled ("true") Fisher
     ewc_normalize: str = "none"  # FisherNorm of core.continual.ewc: "none", "max" or "mean" per task
     ewc_kfac_tol: float = 1e-3  # eigenvalue cut-off of fisher="kfac" (relative to each factor's largest)
+    ewc_kfac_refresh: int = 1  # fisher="kfac", apply="grad": exact penalty gradient every this many steps
     replay_ewc_lambda: float | None = None  # lambda of the ewc+replay combinations (None: ewc_lambda)
     replay_ewc_fisher: str | None = None  # Fisher of the ewc+replay combinations (None: ewc_fisher)
     notes: dict[str, str] = field(default_factory=dict)

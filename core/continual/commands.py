@@ -37,6 +37,8 @@ def continual_eval(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch (the models are small).")] = 1,
     validation: Annotated[bool, typer.Option(help="Score on a seeded 20 % slice of each task's training data "
                                              "(trained on the rest), never on the eval sets: for tuning.")] = False,
+    ewc_kfac_refresh: Annotated[int | None, typer.Option(min=1, help="KFAC EWC: recompute the penalty gradient "
+                                                         "every N steps (1 = every step).")] = None,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
                                                    "empirical_per_sample | true | kfac (also for the +replay combinations).")] = None,
 ) -> None:
@@ -69,6 +71,8 @@ def continual_eval(
             raise ConfigError(f"unknown EWC Fisher {ewc_fisher!r}; choose empirical, empirical_per_sample, true or kfac")
         bench.ewc_fisher = ewc_fisher
         bench.replay_ewc_fisher = None  # the combinations too
+    if ewc_kfac_refresh is not None:
+        bench.ewc_kfac_refresh = ewc_kfac_refresh
     if epochs is not None:
         bench.epochs = epochs
     if ewc_lambda is not None:  # overrides the combinations' lambda too

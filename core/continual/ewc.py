@@ -135,6 +135,10 @@ class EWC(TrainerHook):
             individual Fisher is tiny.
         kfac_tol: ``fisher="kfac"`` only: eigenvalues of each Kronecker factor below ``kfac_tol`` times
             its largest are dropped (those directions are left unprotected; fewer kept = cheaper step).
+        kfac_refresh: ``fisher="kfac"``, ``apply="grad"`` only: recompute the penalty gradient every
+            ``kfac_refresh`` steps and add the same tensor on the steps in between (1 = every step, exact).
+            A KFAC gradient costs about ``4 * out * in * rank`` flops per layer and past task, more than
+            a mini-batch step of a wide layer; refreshing every k steps divides that by k.
         consolidate_at_task_end: consolidate in ``after_task`` (turn off to call :meth:`consolidate`
             yourself, e.g. on a held-out loader or once per several trainer.fit calls).
     """
@@ -156,13 +160,16 @@ class EWC(TrainerHook):
         temperature: float = 1.0,
         normalize: FisherNorm = "none",
         kfac_tol: float = 1e-3,
+        kfac_refresh: int = 1,
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
         if fisher not in ("empirical", "empirical_per_sample", "true", "kfac"):
             raise ConfigError(f"EWC fisher must be empirical, empirical_per_sample, true or kfac, not {fisher!r}")
-        if fisher == "kfac" and (apply == "prox" or normalize != "none" or temperature != 1.0):
-            raise ConfigError("EWC fisher='kfac' supports apply='grad' or 'loss', no normalize, no temperature")
+        if fisher == "kfac" and (apply == "prox" or temperature != 1.0):
+            raise ConfigError("EWC fisher='kfac' supports apply='grad' or 'loss', no temperature")
+        if isinstance(kfac_refresh, bool) or not isinstance(kfac_refresh, int) or kfac_refresh < 1:
+            raise ConfigError(f"EWC kfac_refresh must be an integer >= 1, not {kfac_refresh!r}")
         if not 0.0 <= kfac_tol < 1.0:
             raise ConfigError(f"EWC kfac_tol must be in [0, 1), not {kfac_tol!r}")
         if apply not in ("grad", "loss", "prox"):
@@ -178,6 +185,11 @@ class EWC(TrainerHook):
         self.temperature, self.normalize, self.kfac_tol = float(temperature), normalize, float(kfac_tol)
         # KFAC, per layer: (every task's stacked U_A, per task (U_G, s_G s_A^T, U_G^T [W* | b*] U_A, cols)).
         self._kfac: dict[str, tuple[torch.Tensor, list[tuple[Any, ...]]]] = {}
+        # apply="grad" with kfac_refresh > 1: (model id, {layer: (weight grad, bias grad)}) of the last
+        # exact penalty gradient, and how many steps it has been applied for
+        self.kfac_refresh = kfac_refresh
+        self._kfac_cache: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
+        self._kfac_age = 0
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
         self.fisher_samples = fisher_samples
         self.consolidate_at_task_end = consolidate_at_task_end
@@ -363,7 +375,7 @@ class EWC(TrainerHook):
     def _rebuild(self) -> None:
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
-        self._kfac = {}
+        self._kfac, self._kfac_cache = {}, None
         if self.fisher_kind == "kfac":
             self._kfac_rebuild()
             return
@@ -461,8 +473,30 @@ class EWC(TrainerHook):
             out[f"{name}#G"] = (g_sum[name] / rows[name]).float()  # one prediction per input row
         return out
 
+    def _kfac_normalized(self, factors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """``normalize="mean"``: divide the task's ``G`` factors by the mean diagonal entry of its
+        Kronecker-factored Fisher (``sum_layers tr(A) tr(G) / sum_layers numel``); ``"max"``: by its
+        largest eigenvalue (``max_layers lmax(A) lmax(G)``). Every task then weighs the same in the
+        penalty: the raw Fisher of a task shrinks with its training loss, so the first task (fit with no
+        penalty, most confidently) would otherwise count least."""
+        if self.normalize == "none":
+            return factors
+        layers = sorted({k.rsplit("#", 1)[0] for k in factors})
+        if self.normalize == "max":
+            scale = max(float(torch.linalg.eigvalsh(factors[f"{n}#A"].double()).max())
+                        * float(torch.linalg.eigvalsh(factors[f"{n}#G"].double()).max()) for n in layers)
+        else:
+            mods = dict(model.named_modules())
+            numel = sum(mods[n].weight.numel() + (mods[n].bias.numel() if mods[n].bias is not None else 0)
+                        for n in layers)
+            scale = sum(float(factors[f"{n}#A"].double().trace() * factors[f"{n}#G"].double().trace())
+                        for n in layers) / numel
+        if scale <= 0.0:
+            return factors  # an all-zero Fisher stays zero
+        return {k: v / scale if k.endswith("#G") else v for k, v in factors.items()}
+
     def _kfac_consolidate(self, model: nn.Module, loader: Iterable[Any], task_id: str) -> dict[str, torch.Tensor]:
-        factors = self.estimate_kfac(model, loader)
+        factors = self._kfac_normalized(self.estimate_kfac(model, loader), model)
         params = dict(model.named_parameters())
         layers = sorted({k.rsplit("#", 1)[0] for k in factors})
         anchor = {f"{n}.{p}": params[f"{n}.{p}"].detach().clone() for n in layers for p in ("weight", "bias")
@@ -540,8 +574,31 @@ class EWC(TrainerHook):
     @torch.no_grad()
     def _kfac_add_grad(self, model: nn.Module) -> None:
         """``.grad += lambda * sum_t G_t (W - W*_t) A_t`` per covered layer, in the truncated eigenbases:
-        ``U_G (S * U_G^T (W - W*) U_A) U_A^T``, two big matmuls per layer whatever the number of tasks."""
+        ``U_G (S * U_G^T (W - W*) U_A) U_A^T``, two big matmuls per layer whatever the number of tasks.
+
+        With ``kfac_refresh = k > 1`` the exact gradient is computed on every k-th step and the same
+        tensor is added on the k - 1 steps in between (a lagged penalty gradient: between refreshes the
+        weights move by at most ~k * lr per Adam step); a new consolidation, a load or another model
+        forces a refresh."""
         named = dict(model.named_parameters())
+        cache = self._kfac_cache
+        if cache is None or cache[0] != id(model) or self._kfac_age >= self.kfac_refresh:
+            cache = self._kfac_cache = (id(model), self._kfac_grads(named))
+            self._kfac_age = 0
+        self._kfac_age += 1
+        for layer, (gw, gb) in cache[1].items():
+            w, b = named[f"{layer}.weight"], named.get(f"{layer}.bias")
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.add_(gw, alpha=self.lam)
+            if gb is not None and b is not None:
+                if b.grad is None:
+                    b.grad = torch.zeros_like(b)
+                b.grad.add_(gb, alpha=self.lam)
+
+    def _kfac_grads(self, named: dict[str, nn.Parameter]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``sum_t G_t (W - W*_t) A_t`` split into (weight, bias) parts, per covered trainable layer."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for layer in self._kfac:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
@@ -553,13 +610,8 @@ class EWC(TrainerHook):
                 d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale)
                 proj[:, lo:hi] = u_g @ d
             grad = proj @ u_a_all.T  # (out, in [+1])
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            w.grad.add_(grad[:, : w.shape[1]], alpha=self.lam)
-            if b is not None and b.requires_grad:
-                if b.grad is None:
-                    b.grad = torch.zeros_like(b)
-                b.grad.add_(grad[:, -1], alpha=self.lam)
+            out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
+        return out
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

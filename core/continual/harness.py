@@ -134,7 +134,7 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
         out.update(ewc_lambda=lam, ewc_fisher=fisher, ewc_apply=bench.ewc_apply,
                    ewc_params=bench.ewc_params)
         if fisher == "kfac":
-            out["ewc_kfac_tol"] = bench.ewc_kfac_tol
+            out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh)
         if base == "online-ewc":
             out["online_decay"] = bench.online_decay
     if method == "replay" or method.endswith("+replay"):
@@ -155,13 +155,13 @@ def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
                     temperature=bench.ewc_temperature, normalize=bench.ewc_normalize,  # type: ignore[arg-type]
-                    kfac_tol=bench.ewc_kfac_tol)]  # type: ignore[arg-type]
+                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh)]  # type: ignore[arg-type]
     if method == "online-ewc":
         return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
                     temperature=bench.ewc_temperature, normalize=bench.ewc_normalize,  # type: ignore[arg-type]
-                    kfac_tol=bench.ewc_kfac_tol)]  # type: ignore[arg-type]
+                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh)]  # type: ignore[arg-type]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
     return []
@@ -241,11 +241,15 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
 
     The EWC hook is first consolidated on every task (separate mode then holds T Fisher/anchor pairs).
     Every way of applying the penalty is timed (``grad``, ``loss``, ``prox``) with the benchmark's
-    optimizer; ``ewc_step_time_ratio`` is the one the benchmark uses (``bench.ewc_apply``).
+    optimizer; ``ewc_step_time_ratio`` is the one the benchmark uses (``bench.ewc_apply``). A step time
+    is the mean over one round (``steps`` rounded up to a multiple of ``bench.ewc_kfac_refresh``, so an
+    amortised KFAC refresh is counted in full), the median over rounds (the first, warm-up, dropped).
     """
     torch.manual_seed(seed)
     model = bench.make_model().to(device)
     fisher = bench.ewc_fisher
+    refresh = bench.ewc_kfac_refresh if fisher == "kfac" else 1
+    steps = -(-steps // refresh) * refresh
     ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,  # type: ignore[arg-type]
               fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
               consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
@@ -256,7 +260,7 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     for apply in applies:
         h = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply=apply,  # type: ignore[arg-type]
                 fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
-                consolidate_at_task_end=False)
+                kfac_refresh=refresh, consolidate_at_task_end=False)
         h.load_state_dict(ewc.state_dict())
         hooks[apply] = [h]
     timers = {k: _StepTimer() for k in hooks}
@@ -265,14 +269,15 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     loader = TensorLoader(bench.tasks[-1].train, bench.batch_size, seed=seed)
     for _ in range(rounds):
         for trainer in trainers.values():
-            trainer.fit(loader, max_steps=steps, task_id="timing")
-    # drop the first round of each (allocator and cache warm-up)
-    med = {k: statistics.median(t.times[steps:]) for k, t in timers.items()}
+            trainer.fit(loader, epochs=steps, max_steps=steps, task_id="timing")
+    # per round the mean step; the median over rounds, the first (allocator and cache warm-up) dropped
+    med = {k: statistics.median(statistics.fmean(t.times[r * steps:(r + 1) * steps]) for r in range(1, rounds))
+           for k, t in timers.items()}
     used = bench.ewc_apply if bench.ewc_apply in applies else "grad"
     out = {"plain_step_ms": 1e3 * med["plain"], "ewc_step_ms": 1e3 * med[used],
            "ewc_step_time_ratio": med[used] / med["plain"], "ewc_apply": used,
            "ewc_loss_path_step_ms": 1e3 * med["loss"],
-           "ewc_loss_path_step_time_ratio": med["loss"] / med["plain"]}
+           "ewc_loss_path_step_time_ratio": med["loss"] / med["plain"], "ewc_kfac_refresh": refresh}
     out.update({f"ewc_{a}_step_time_ratio": med[a] / med["plain"] for a in applies})
     return out
 

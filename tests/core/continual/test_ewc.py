@@ -441,3 +441,68 @@ def test_kfac_skips_layers_the_forward_does_not_run(net: Net) -> None:
     net.spare = nn.Linear(3, 3)  # registered but never called by forward
     factors = EWC(1.0, fisher="kfac").estimate_kfac(net, task_data(30))
     assert {k.split("#")[0] for k in factors} == {"body.0", "head"}
+
+
+def test_kfac_refresh_reuses_the_gradient_for_k_steps(net: Net) -> None:
+    """kfac_refresh=3: steps 1-3 add the penalty gradient of step 1's weights, step 4 recomputes it;
+    a new consolidation forces a refresh."""
+    ewc = EWC(7.0, fisher="kfac", kfac_refresh=3)
+    exact = EWC(7.0, fisher="kfac")
+    for e in (ewc, exact):
+        e.consolidate(net, loss_fn, task_data(31), "a")
+
+    class Loop:
+        model = net
+
+    def added(hook: EWC) -> torch.Tensor:
+        net.zero_grad(set_to_none=True)
+        hook.after_backward(Loop())
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    first = None
+    for step in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        got, want = added(ewc), added(exact)
+        assert float(want.abs().max()) > 0
+        if step in (0, 3):  # a refresh: the exact gradient at the current weights
+            torch.testing.assert_close(got, want)
+            first = got
+        else:  # lagged: the tensor of the last refresh, though the weights moved
+            torch.testing.assert_close(got, first)
+            assert not torch.allclose(got, want)
+    ewc.consolidate(net, loss_fn, task_data(32), "b")
+    exact.consolidate(net, loss_fn, task_data(32), "b")
+    with torch.no_grad():
+        net.head.bias.add_(0.3)
+    torch.testing.assert_close(added(ewc), added(exact))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ConfigError):
+            EWC(1.0, fisher="kfac", kfac_refresh=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("norm", ["max", "mean"])
+def test_kfac_normalize_scales_each_task_to_one(net: Net, norm: str) -> None:
+    """normalize on KFAC: one scale per task (its G factors divided), so each task's Kronecker Fisher has
+    mean diagonal entry 1 ("mean") or largest eigenvalue 1 ("max"), whatever its raw scale."""
+    ewc = EWC(1.0, fisher="kfac", normalize=norm)  # type: ignore[arg-type]
+    numel = sum(p.numel() for p in net.parameters())
+    for t, seed in (("a", 33), ("b", 34)):
+        raw = EWC(1.0, fisher="kfac").estimate_kfac(net, task_data(seed))
+        ewc.consolidate(net, loss_fn, task_data(seed), t)
+        with torch.no_grad():
+            net.head.weight.mul_(3.0)  # a more confident net: a smaller raw Fisher for the next task
+        fs = ewc.fishers[t]
+        layers = ("body.0", "head")
+        if norm == "max":
+            top = max(float(torch.linalg.eigvalsh(fs[f"{n}#A"].double()).max()
+                            * torch.linalg.eigvalsh(fs[f"{n}#G"].double()).max()) for n in layers)
+            assert top == pytest.approx(1.0, rel=1e-4)
+        else:
+            mean = sum(float(fs[f"{n}#A"].trace() * fs[f"{n}#G"].trace()) for n in layers) / numel
+            assert mean == pytest.approx(1.0, rel=1e-4)
+        for n in layers:
+            torch.testing.assert_close(fs[f"{n}#A"], raw[f"{n}#A"])  # A untouched, G one common scale
+        ratio = float(fs["head#G"].trace() / raw["head#G"].trace())
+        torch.testing.assert_close(fs["body.0#G"], raw["body.0#G"] * ratio, rtol=1e-4, atol=1e-10)
