@@ -10,13 +10,14 @@
   noise in body and background, which the 128 px canvas blurs away. When the caller has that view, a
   second tree model reads both sets (``stats_native``); otherwise the 128 px model decides.
 * :func:`clinical_text`: what the request for the study carries: the clinical history (and exam),
-  patient sex, age decade and the acquisition plane. TF-IDF (1-2 grams) + logistic regression predict
-  the modality and the body region from it; a second logistic regression reads the request's MiniLM
-  sentence embedding (the reporter's own text encoder) for the body region: it generalises across
-  wordings ("low back pain", "lumbar radiculopathy") where TF-IDF needs the same words.
+  patient sex, age decade and the acquisition plane. TF-IDF (character 2-5 grams within words) + logistic
+  regression predict the modality and the body region from it; a second logistic regression reads the
+  request's MiniLM sentence embedding (the reporter's own text encoder) for the body region: it
+  generalises across wordings ("low back pain", "lumbar radiculopathy") where TF-IDF needs the same
+  words; a third reads :func:`anatomy_features`, counts of body-part words per region (``ANATOMY_LEXICON``).
 
-Fused scores are ``log softmax(CNN logits) + w * log p(model)`` per class, with weights chosen on a
-case-disjoint 20 % of TRAIN (README "Model"). The body region is a property of the study, so the
+Fused scores are ``log softmax(CNN logits) + w * log p(model)`` per class, with weights chosen on
+out-of-fold scores of case-disjoint folds of TRAIN (README "Model"). The body region is a property of the study, so the
 region scores of all images of one study (MedPix: one case) are averaged before the decision.
 
 Named input: (N, S, S) images in [0, 1], one request text per image and (region) its (N, 384) MiniLM
@@ -27,6 +28,7 @@ log-probabilities (N, C). Saved as ``fusion.pkl`` beside the reporter (our own f
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,29 @@ from scipy.special import log_softmax
 from solutions.medical_imaging.data import PLANES
 
 FUSION = "fusion.pkl"
-# Fusion weights, chosen on a case-disjoint 20 % of TRAIN (never on dev); see README "Model".
-W_MOD_STATS, W_MOD_NATIVE, W_MOD_TEXT, W_REG_TEXT, W_REG_EMB = 0.5, 0.5, 0.5, 0.5, 1.0
+# What a request says about the body, one pattern per region (REGIONS order): words of the history / exam
+# that point at a body part. Counted per request (log1p) and read by a small logistic regression, so
+# "low back pain" and "knee swelling" reach Spine and Muscles with few training examples.
+ANATOMY_LEXICON: tuple[str, ...] = (
+    r"\b(?:head|brain|skull|crani|cerebr|seizur|headache|mental status|confus|letharg|vision|visual|diplopia|"
+    r"eyes?\b|orbit|proptosis|facial|face\b|ears?\b|hearing|tinnitus|sinus|nasal|stroke|aphasia|dizz|vertigo|"
+    r"memory|dementia|neck mass|thyroid|jaw|tongue|throat|hydroceph|intracranial)",
+    r"\b(?:chest|cough|dyspnea|short(?:ness)? of breath|breath|lungs?\b|pulmonar|hemoptysis|pneumon|heart|"
+    r"cardi|aort|mediastin|breast|pleur|sob\b|wheez)",
+    r"\b(?:abdom|belly|nausea|vomit|jaundice|liver|hepat|bowel|stool|diarrh|constipat|gastr|epigastr|pancrea|"
+    r"splen|rlq|ruq|llq|luq|append|melena|dysphagia|biliar|gallbladder|cholecyst)",
+    r"\b(?:back\b|back pain|spin|lumbar|cervical|vertebr|radicul|sciatica|paresthes|numb|tingl|weakness|gait|"
+    r"myelopath|knee|shoulder|hip|ankle|foot|feet|wrist|hand|elbow|arm\b|arms\b|legs?\b|thigh|extremit|joint|"
+    r"bone|fractur|soft tissue|muscle|limp|trauma|fall\b)",
+    r"\b(?:pelvi|urin|hematuria|kidney|renal|flank|bladder|prostat|testic|scrot|vagin|uter|ovar|adnex|pregnan|"
+    r"menstru|menorrh|groin|penile|penis|infertil|gravida)",
+)
+_LEXICON = tuple(re.compile(p) for p in ANATOMY_LEXICON)
+# Fusion weights, chosen on out-of-fold scores of TRAIN (case-disjoint folds: a CNN and side models per
+# fold; never on dev); see README "Model". W_MOD_STATS (no full-resolution view) is from the older 20 % holdout.
+W_MOD_STATS, W_MOD_NATIVE, W_MOD_TEXT, W_REG_TEXT, W_REG_EMB, W_REG_LEX = 0.5, 0.5, 1.0, 1.0, 1.0, 0.5
+TEXT_MOD_ANALYZER, TEXT_REG_ANALYZER = "char_wb", "char_wb"  # the request-text TF-IDF models (see _text_model)
+LEX_C = 1.0  # inverse regularisation of the anatomy-lexicon region model
 # Share of a modality score replaced by its study mean (images of one study are mostly one modality,
 # 95 % in MedPix TRAIN); the region is one per study, so its scores are fully averaged.
 MOD_POOL = 0.5
@@ -122,6 +145,12 @@ def clinical_text(history: str, sex: str = "", age: str = "", plane: str = "") -
     return f"{history} sex_{sx if sx in ('f', 'm') else 'x'} age_{decade} plane_{plane or 'other'}"
 
 
+def anatomy_features(texts: Sequence[str]) -> np.ndarray:
+    """(N, len(ANATOMY_LEXICON)) log1p counts of each region's body-part words in each request text."""
+    return np.log1p(np.array([[len(p.findall(t.lower())) for p in _LEXICON] for t in texts], dtype=np.float64)
+                    .reshape(len(texts), len(_LEXICON)))
+
+
 def _stats_features(images: np.ndarray, planes: Sequence[str]) -> np.ndarray:
     """What the modality tree model reads: image_stats of each image plus the plane one-hot."""
     return np.hstack([np.stack([image_stats(im) for im in images]), _plane_onehot(planes)])
@@ -162,7 +191,9 @@ class Fusion:
     stats_native: Any = None  # tree model on image_stats + native_stats + plane (None: fitted without it)
     n_classes: dict[str, int] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=lambda: {
-        "mod_stats": W_MOD_STATS, "mod_native": W_MOD_NATIVE, "mod_text": W_MOD_TEXT, "reg_text": W_REG_TEXT, "reg_emb": W_REG_EMB})
+        "mod_stats": W_MOD_STATS, "mod_native": W_MOD_NATIVE, "mod_text": W_MOD_TEXT, "reg_text": W_REG_TEXT,
+        "reg_emb": W_REG_EMB, "reg_lex": W_REG_LEX})
+    lex_region: Any = None  # LogisticRegression on anatomy_features of the request (None: fitted without it)
 
     @classmethod
     def fit(cls, images: np.ndarray, texts: Sequence[str], planes: Sequence[str], modality: np.ndarray,
@@ -190,8 +221,10 @@ class Fusion:
         stats = tree().fit(X, modality)
         native = None if full_images is None else tree().fit(np.hstack([X, _native_features(full_images)]), modality)
         emb = None if text_emb is None else LogisticRegression(C=EMB_C, max_iter=3000).fit(text_emb, region)
-        return cls(stats, _text_model().fit(list(texts), modality), _text_model().fit(list(texts), region), emb, native,
-                   n_classes={"modality": n_modalities, "region": n_regions})
+        lex = LogisticRegression(C=LEX_C, max_iter=3000).fit(anatomy_features(texts), region)
+        return cls(stats, _text_model(TEXT_MOD_ANALYZER).fit(list(texts), modality),
+                   _text_model(TEXT_REG_ANALYZER).fit(list(texts), region), emb, native,
+                   n_classes={"modality": n_modalities, "region": n_regions}, lex_region=lex)
 
     def modality_scores(self, cnn_logits: np.ndarray, images: np.ndarray, texts: Sequence[str],
                         planes: Sequence[str], full_images: Sequence[np.ndarray] | None = None) -> np.ndarray:
@@ -223,6 +256,9 @@ class Fusion:
             if text_emb is None or len(text_emb) != len(out):
                 raise ValueError("fusion: region_scores needs one MiniLM embedding per request text")
             out = out + w_emb * np.log(_proba(emb_model, text_emb, k) + EPS)
+        w_lex, lex_model = self.weights.get("reg_lex", 0.0), getattr(self, "lex_region", None)
+        if w_lex and lex_model is not None:
+            out = out + w_lex * np.log(_proba(lex_model, anatomy_features(texts), k) + EPS)
         return out
 
     def save(self, folder: Path) -> None:
@@ -246,10 +282,13 @@ def _proba(model: Any, X: Any, k: int) -> np.ndarray:
     return out
 
 
-def _text_model() -> Any:
+def _text_model(analyzer: str = "word") -> Any:
+    """TF-IDF + logistic regression on the request text: word 1-2 grams, or (``"char_wb"``) character
+    2-5 grams within words, which also match inflections and fused words ("lumbosacral", "headaches")."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+    ngrams = (2, 5) if analyzer == "char_wb" else (1, 2)
+    return make_pipeline(TfidfVectorizer(analyzer=analyzer, ngram_range=ngrams, min_df=2, sublinear_tf=True),
                          LogisticRegression(C=10.0, max_iter=3000))

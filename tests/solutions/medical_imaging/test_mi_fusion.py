@@ -203,3 +203,36 @@ def test_modality_uses_the_native_model_only_with_the_full_views(balanced_medpix
     assert g is not None
     del g.__dict__["stats_native"]  # a fusion.pkl written before the native model existed: 128 px statistics
     np.testing.assert_allclose(g.modality_scores(cnn, d_imgs, texts, planes, d_full), without)
+
+
+def test_anatomy_lexicon_counts_body_part_words_per_region() -> None:
+    from solutions.medical_imaging.fusion import ANATOMY_LEXICON, anatomy_features
+
+    f = anatomy_features(["Low back pain radiating to the leg", "headache and new seizures", "background noise",
+                          "", "cough and hemoptysis", "RUQ pain, nausea", "painless hematuria"])
+    assert f.shape == (7, len(REGIONS)) == (7, len(ANATOMY_LEXICON))
+    assert f[0].argmax() == REGIONS.index("Spine and Muscles") and f[0, REGIONS.index("Head")] == 0
+    assert f[1].argmax() == REGIONS.index("Head")
+    assert not f[2].any() and not f[3].any()  # "background" is not "back"; an empty request has no words
+    assert [int(r.argmax()) for r in f[4:]] == [REGIONS.index(r) for r in
+                                                ("Thorax", "Abdomen", "Reproductive and Urinary System")]
+    assert anatomy_features([]).shape == (0, len(REGIONS))
+
+
+def test_region_lexicon_model_adds_to_the_scores_and_old_pickles_still_load(balanced_medpix: Path) -> None:
+    from solutions.medical_imaging.fusion import anatomy_features
+    from solutions.medical_imaging.pipeline import request_text
+
+    f, dev, _ = _fit(balanced_medpix)
+    assert f.lex_region is not None
+    texts = [request_text(s) for s in dev]
+    cnn = np.zeros((len(dev), len(REGIONS)), dtype=np.float32)
+    f.weights["reg_lex"] = 0.0
+    base = f.region_scores(cnn, texts)
+    f.weights["reg_lex"] = 1.0
+    fused = f.region_scores(cnn, texts)
+    p = np.zeros_like(base)
+    p[:, f.lex_region.classes_] = f.lex_region.predict_proba(anatomy_features(texts))
+    np.testing.assert_allclose(fused, base + np.log(p + 1e-6), rtol=1e-5, atol=1e-5)
+    del f.__dict__["lex_region"]  # a fusion.pkl written before the lexicon model existed
+    np.testing.assert_allclose(f.region_scores(cnn, texts), base)
