@@ -111,7 +111,8 @@ class FewShotHead:
         AUROC beats the unsupervised score's on the same images in at least ``min_confidence`` of
         paired bootstrap resamples (with 50 shots a 0.02 CV gain is within the noise, and on
         magnetic tile such gains did not carry over to the test parts: BENCHMARKS), and the patch
-        head's map only when its CV pixel AUROC beats the unsupervised map's; otherwise the
+        head's map only when both its CV pixel AUROC and its CV AUPRO beat the unsupervised map's
+        (it tends to trade small regions for large ones); otherwise the
         unsupervised one is kept (``image_mode`` / ``map_mode`` = ``"unsup"``). ``threshold``: ``"far"`` = the conformal ``(1 - target_far)``
         quantile of the CV normal scores (the line's false-alarm target); ``"balanced"`` = the CV
         score that maximises balanced accuracy (Youden), for lines that trade false alarms for recall.
@@ -132,7 +133,8 @@ class FewShotHead:
         head = cls._fit_heads(det, d_out, n_out, masks, size, seed)
         cv = cls.cross_validate(det, d_out, n_out, masks, size, seed)
         head.cv = {k: v for k, v in cv.items() if not k.startswith("scores")}
-        if cv["map_head_auroc"] is not None and cv["map_head_auroc"] <= cv["map_unsup_auroc"]:
+        if cv["map_head_auroc"] is not None and (cv["map_head_auroc"] <= cv["map_unsup_auroc"]
+                                                 or cv["map_head_aupro"] <= cv["map_unsup_aupro"]):
             head.map_mode = "unsup"
         if cv["image_gain_confidence"] < min_confidence:
             head.image_mode = "unsup"
@@ -216,8 +218,8 @@ class FewShotHead:
         Folds over shots + normals (stratified); in each, both heads are refitted on the other folds
         and score the held-out ones. Returns pooled image AUROCs (``image_head_auroc``,
         ``image_unsup_auroc``), the fraction of ``n_boot`` paired bootstrap resamples of the CV scores
-        in which the head's AUROC is higher (``image_gain_confidence``), pixel AUROCs of the two maps
-        on the held-out shots and normals at 64 px (``map_*``; None without masks) and the CV scores
+        in which the head's AUROC is higher (``image_gain_confidence``), pixel AUROCs and AUPROs of
+        the two maps on the held-out shots and normals at 64 px (``map_*``; None without masks) and the CV scores
         (``scores_head``, ``scores_unsup``: shots first, then normals).
         """
         from sklearn.metrics import roc_auc_score
@@ -249,9 +251,9 @@ class FewShotHead:
                         my = (F.interpolate(t, size=(small, small), mode="area")[:, 0] >= 0.5).numpy()
                     else:
                         my = np.zeros(mh.shape, bool)
-                    pix_y.append(my.ravel())
-                    pix_head.append(mh.numpy().ravel())
-                    pix_unsup.append(mu.numpy().ravel())
+                    pix_y.append(my)
+                    pix_head.append(mh.numpy())
+                    pix_unsup.append(mu.numpy())
         rng = np.random.default_rng(seed)
         wins = 0
         for _ in range(n_boot):  # paired bootstrap (shots and normals resampled separately)
@@ -259,12 +261,15 @@ class FewShotHead:
             wins += roc_auc_score(y[i], cv_head[i]) > roc_auc_score(y[i], unsup[i])
         out = {"folds": folds, "image_head_auroc": float(roc_auc_score(y, cv_head)),
                "image_unsup_auroc": float(roc_auc_score(y, unsup)), "image_gain_confidence": wins / n_boot,
-               "map_head_auroc": None,
-               "map_unsup_auroc": None, "scores_head": cv_head, "scores_unsup": unsup}
+               "map_head_auroc": None, "map_unsup_auroc": None, "map_head_aupro": None,
+               "map_unsup_aupro": None, "scores_head": cv_head, "scores_unsup": unsup}
         if pix_y and np.concatenate(pix_y).any():
+            from solutions.industrial_qa.metrics import aupro
+
             py = np.concatenate(pix_y)
-            out["map_head_auroc"] = float(roc_auc_score(py, np.concatenate(pix_head)))
-            out["map_unsup_auroc"] = float(roc_auc_score(py, np.concatenate(pix_unsup)))
+            for name, maps in (("head", np.concatenate(pix_head)), ("unsup", np.concatenate(pix_unsup))):
+                out[f"map_{name}_auroc"] = float(roc_auc_score(py.ravel(), maps.ravel()))
+                out[f"map_{name}_aupro"] = float(aupro(maps, py))
         return out
 
     # --- inference -------------------------------------------------------------------------------

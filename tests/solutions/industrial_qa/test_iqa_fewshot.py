@@ -45,7 +45,8 @@ def test_few_shot_falls_back_to_the_unsupervised_detector_when_cv_says_so(tiny_d
     assert 0.0 <= cv["image_gain_confidence"] <= 1.0
     assert head.image_mode == ("head" if cv["image_gain_confidence"] >= 0.95 else "unsup")
     if cv["map_head_auroc"] is not None:
-        assert head.map_mode == ("head" if cv["map_head_auroc"] > cv["map_unsup_auroc"] else "unsup")
+        better = cv["map_head_auroc"] > cv["map_unsup_auroc"] and cv["map_head_aupro"] > cv["map_unsup_aupro"]
+        assert head.map_mode == ("head" if better else "unsup")
     # forced to the unsupervised image score, the refined detector ranks parts exactly as before
     plain = det.score_arrays(x)
     det.fewshot = head
