@@ -1,5 +1,5 @@
 """Out-of-scope threshold of the intent classifier: chosen from the OOS *training* texts only, as the
-lowest threshold that rejects ``OOS_RECALL_GOAL`` of them (a stub encoder keeps this fast)."""
+lowest threshold on the top logit that rejects ``OOS_RECALL_GOAL`` of them (a stub encoder keeps this fast)."""
 
 from __future__ import annotations
 
@@ -43,15 +43,25 @@ def _fit(oos: list[str]) -> IntentClassifier:
 
 def test_threshold_is_the_lowest_that_reaches_the_oos_recall_goal() -> None:
     clf = _fit(OOS)
-    conf = clf.predict_proba(OOS).max(1)
+    assert clf.score == "maxlogit" and clf.abstain
+    conf = clf.oos_score(OOS)
+    assert np.allclose(conf, clf.clf.decision_function(clf._features(OOS)).max(1))
     assert float((conf < clf.threshold).mean()) >= OOS_RECALL_GOAL
-    if clf.threshold > 0.05 + 1e-9:  # one grid step lower must miss the goal
-        assert float((conf < clf.threshold - 0.01).mean()) < OOS_RECALL_GOAL
+    # the lowest such threshold: any lower one misses the goal
+    assert float((conf < np.nextafter(clf.threshold, -np.inf)).mean()) < OOS_RECALL_GOAL
     pred = clf.predict(OOS)
     assert sum(p == "oos" for p in pred) >= OOS_RECALL_GOAL * len(OOS)
 
 
+def test_threshold_survives_save_and_load(tmp_path) -> None:  # noqa: ANN001
+    clf = _fit(OOS)
+    clf.save(tmp_path)
+    back = IntentClassifier.load(tmp_path, StubEncoder())  # type: ignore[arg-type]
+    assert (back.score, back.abstain, back.threshold) == (clf.score, clf.abstain, clf.threshold)
+    assert back.predict(OOS + INTENTS["balance"]) == clf.predict(OOS + INTENTS["balance"])
+
+
 def test_no_oos_texts_means_no_abstention() -> None:
     clf = _fit([])
-    assert clf.threshold == 0.0
+    assert clf.threshold == 0.0 and not clf.abstain
     assert "oos" not in clf.predict(["what is my balance", "blah blah unrelated"])
