@@ -143,7 +143,11 @@ class FewShotHead:
         k = len(shots)
         calib = Calibrator.fit(scores[k:], scores[:k], target_far=det.config.target_far)
         if threshold == "balanced":
-            calib = calib.with_threshold(balanced_threshold(scores[k:], scores[:k]))
+            # keep the Platt slope, move the curve so that p = 0.5 stays at the decision threshold
+            # (heatmaps are shown in probability units with 0.5 = the threshold)
+            t = balanced_threshold(scores[k:], scores[:k])
+            calib = Calibrator(threshold=t, target_far=calib.target_far, a=calib.a, b=-calib.a * t,
+                               n_normal=calib.n_normal, n_defect=calib.n_defect)
         # --- defect types ---
         labelled = sorted(set(types))
         if len(labelled) >= 2 and all(t for t in types):

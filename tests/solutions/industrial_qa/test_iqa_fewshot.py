@@ -39,8 +39,10 @@ def test_few_shot_falls_back_to_the_unsupervised_detector_when_cv_says_so(tiny_d
     x = load_batch([s.path for s in shots], size)
     m = np.stack([load_mask(s, size) for s in shots])
     hold = load_batch([Path(p) for p in det.info["holdout_paths"]], size)
-    head, calib = FewShotHead.fit(det, x, m, [s.defect_type for s in shots], hold, normals_are_holdout=True)
+    head, calib = FewShotHead.fit(det, x, m, [s.defect_type for s in shots], hold, normals_are_holdout=True,
+                                  threshold="balanced")
     cv = head.cv
+    assert calib.probability(calib.threshold) == pytest.approx(0.5)      # balanced threshold keeps p = 0.5 there
     assert {"image_head_auroc", "image_unsup_auroc", "map_head_auroc", "map_unsup_auroc"} <= set(cv)
     assert 0.0 <= cv["image_gain_confidence"] <= 1.0
     assert head.image_mode == ("head" if cv["image_gain_confidence"] >= 0.95 else "unsup")
