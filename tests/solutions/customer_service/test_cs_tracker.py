@@ -116,3 +116,20 @@ def _pairs(d: dict) -> list[tuple[dict, str, str]]:
         else:
             system = t["utterance"]
     return out
+
+
+def test_request_threshold_of_unseen_services_leaves_seen_ones_alone(tracker: DialogueStateTracker,
+                                                                      schemas: dict) -> None:
+    turn = [("", "Set an alarm for 6:30 am and book a table in San Jose. What is their phone number?")]
+    old = tracker.cfg.request_threshold_unseen
+    try:
+        tracker.cfg.request_threshold_unseen = -1e9  # every slot of the unseen service counts as requested
+        st = run(tracker, schemas, turn, ["Alarm_1", TINY_SERVICE])[-1]
+        assert set(st["Alarm_1"]["requested_slots"]) == {s["name"] for s in schemas["Alarm_1"]["slots"]}
+        seen_req = st[TINY_SERVICE]["requested_slots"]
+        assert len(seen_req) < len(schemas[TINY_SERVICE]["slots"])  # the seen service keeps its threshold
+        tracker.cfg.request_threshold_unseen = 1e9
+        st = run(tracker, schemas, turn, ["Alarm_1", TINY_SERVICE])[-1]
+        assert st["Alarm_1"]["requested_slots"] == [] and st[TINY_SERVICE]["requested_slots"] == seen_req
+    finally:
+        tracker.cfg.request_threshold_unseen = old
