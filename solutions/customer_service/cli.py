@@ -110,30 +110,38 @@ def bench(
     # Schema description embeddings are computed once per service and kept (a served tracker has them
     # before the first customer turn), so they are not part of the per-turn latency.
     bank.ensure(sorted({s for d in sample for s in d.get("services", []) if s in dev.schemas}))
-    lat = []
+    lat, lat_cpu = [], []
     states: dict[int, dict] = {}
     history: dict[int, list] = {}
     for di, ti, user, system in pairs:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         f = encode_pairs(enc, [user], [system])[0]
         services = [fr["service"] for fr in sample[di]["turns"][ti]["frames"]]
         past = history.setdefault(di, [])
         states[di] = tracker.step(states.get(di, {}), f, user, system, services, bank, past)
         past.append((f, system))
         lat.append((time.perf_counter() - t) * 1000)
+        lat_cpu.append((time.process_time() - c) * 1000)
 
     def batched_rate(tr: DialogueStateTracker, batch_size: int = PAIR_BATCH, head_batch: int = HEAD_BATCH) -> float:
         t = time.perf_counter()
         tr.track_sgd(sample, dev.schemas, desc="batched", batch_size=batch_size, head_batch=head_batch)
         return len(pairs) / (time.perf_counter() - t)
 
+    c = time.process_time()
     batched = batched_rate(tracker)
+    batched_cpu = len(pairs) / (time.process_time() - c)
     res: dict = {"turns": len(pairs), "encoder": "int8" if enc.quantized else "fp32",
                  "matmuls": "int8" if enc.quantized else "bf16" if enc.bf16 else "fp32",
                  "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
                  "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
                  "turns_per_s_single": round(1000 * len(lat) / sum(lat), 1), "turns_per_s_batched": round(batched, 1),
-                 "batched_over_single": round(batched / (1000 * len(lat) / sum(lat)), 2)}
+                 "batched_over_single": round(batched / (1000 * len(lat) / sum(lat)), 2),
+                 # CPU time of this process (1 thread): what a quiet machine would read; wall clock on a
+                 # shared machine also counts the time other processes hold the core
+                 "cpu_latency_ms_p50": round(float(np.percentile(lat_cpu, 50)), 1),
+                 "cpu_latency_ms_p95": round(float(np.percentile(lat_cpu, 95)), 1),
+                 "turns_per_cpu_s_batched": round(batched_cpu, 1)}
     if compare:
         # Speed only: the same heads on the other precision's features (their accuracy is not meant).
         other = DialogueStateTracker(tracker.heads, tracker.cfg, enc)

@@ -20,6 +20,7 @@ def test_bench_reports_latency_and_throughput(tiny_home: Path) -> None:
     assert 0 < res["latency_ms_p50"] <= res["latency_ms_p95"]
     assert res["turns_per_s_single"] > 0 and res["turns_per_s_batched"] > 0
     assert res["batched_over_single"] > 0
+    assert 0 < res["cpu_latency_ms_p50"] <= res["cpu_latency_ms_p95"] and res["turns_per_cpu_s_batched"] > 0
     # --compare: the same heads timed with the other encoder precision, with 64 pairs per call and with
     # the heads stepping one turn per call
     assert res["encoder"] in ("fp32", "int8")
