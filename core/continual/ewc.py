@@ -138,7 +138,12 @@ class EWC(TrainerHook):
         kfac_refresh: ``fisher="kfac"``, ``apply="grad"`` only: recompute the penalty gradient every
             ``kfac_refresh`` steps and add the same tensor on the steps in between (1 = every step, exact).
             A KFAC gradient costs about ``4 * out * in * rank`` flops per layer and past task, more than
-            a mini-batch step of a wide layer; refreshing every k steps divides that by k.
+            a mini-batch step of a wide layer; refreshing every k steps divides that by k. Unsafe with
+            Adam: on permuted-digits k = 16 made training collapse (the stale gradient overshoots in
+            stiff directions and its bursts swamp Adam's second moment), so only for small k or SGD.
+        normalize: ``"max"`` / ``"mean"``: each task's Fisher is divided by its largest / mean entry
+            (diagonal kinds) or, for ``kfac``, its ``G`` factors by the largest eigenvalue / mean diagonal
+            entry of its Kronecker-factored Fisher, so every task weighs the same in the penalty.
         consolidate_at_task_end: consolidate in ``after_task`` (turn off to call :meth:`consolidate`
             yourself, e.g. on a held-out loader or once per several trainer.fit calls).
     """

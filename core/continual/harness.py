@@ -134,7 +134,10 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
         out.update(ewc_lambda=lam, ewc_fisher=fisher, ewc_apply=bench.ewc_apply,
                    ewc_params=bench.ewc_params)
         if fisher == "kfac":
-            out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh)
+            out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
+                       ewc_normalize=bench.ewc_kfac_normalize)
+        elif bench.ewc_normalize != "none":
+            out["ewc_normalize"] = bench.ewc_normalize
         if base == "online-ewc":
             out["online_decay"] = bench.online_decay
     if method == "replay" or method.endswith("+replay"):
@@ -142,6 +145,10 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
     if method == "lora":
         out.update(lora_rank=bench.lora_rank, lora_targets=bench.lora_targets)
     return out
+
+
+def _normalize(bench: Benchmark) -> str:
+    return bench.ewc_kfac_normalize if bench.ewc_fisher == "kfac" else bench.ewc_normalize
 
 
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
@@ -154,13 +161,13 @@ def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
         return [EWC(bench.ewc_lambda, mode="separate", fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
-                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize,  # type: ignore[arg-type]
+                    temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
                     kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh)]  # type: ignore[arg-type]
     if method == "online-ewc":
         return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
-                    temperature=bench.ewc_temperature, normalize=bench.ewc_normalize,  # type: ignore[arg-type]
+                    temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
                     kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh)]  # type: ignore[arg-type]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
