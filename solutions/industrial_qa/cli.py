@@ -15,15 +15,20 @@ import typer
 
 from core.errors import DataError
 
+BACKBONE_HELP = ("torchvision-layout ImageNet ResNet-18/34/50 or Wide-ResNet-50-2 state dict (.pth/.pt/"
+                 ".safetensors) used frozen as the feature extractor instead of self-supervised training.")
+
 app = typer.Typer(help="Industrial QA: defect detection on production lines (MVTec AD layout data).",
                   no_args_is_help=True)
 
 
 def _config(steps: int | None, size: int | None, coreset: int | None, far: float | None,
-            fusion: str | None = None):  # noqa: ANN202
+            fusion: str | None = None, backbone: Path | None = None):  # noqa: ANN202
     from solutions.industrial_qa.detector import DetectorConfig
 
     cfg = DetectorConfig()
+    if backbone is not None:
+        cfg.use_backbone(backbone)  # fusion knn unless --fusion says otherwise
     if fusion is not None:
         if fusion not in ("knn", "seg", "sum"):
             raise DataError("--fusion must be knn, seg or sum")
@@ -60,6 +65,7 @@ def train(
     size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
     coreset: Annotated[int | None, typer.Option(help="Memory-bank size.")] = None,
     target_far: Annotated[float | None, typer.Option(help="Target false-alarm rate for the threshold.")] = None,
+    backbone: Annotated[Path | None, typer.Option(help=BACKBONE_HELP)] = None,
 ) -> None:
     """Train a detector on normal images and store it as the line's next model version."""
     _threads()
@@ -67,7 +73,7 @@ def train(
 
     cb, close = tqdm_progress(f"train {line}")
     try:
-        version, folder, det = train_line(data, line, _config(steps, size, coreset, target_far), cb)
+        version, folder, det = train_line(data, line, _config(steps, size, coreset, target_far, None, backbone), cb)
     finally:
         close()
     _record_version(line, version, folder, det)
@@ -134,6 +140,7 @@ def evaluate(
     few_shot_threshold: Annotated[str, typer.Option(
         help="With --few-shot: 'balanced' (threshold maximising balanced accuracy on the CV scores of "
              "the shots + held-out normals) or 'far' (the --target-far quantile of the normals).")] = "balanced",
+    backbone: Annotated[Path | None, typer.Option(help=BACKBONE_HELP)] = None,
 ) -> None:
     """Fit on DIR/train/good (trains when no matching stored model), score DIR/test, print metrics."""
     _threads()
@@ -142,7 +149,7 @@ def evaluate(
 
     cb, close = tqdm_progress("train")
     try:
-        report = run_eval(data, few_shot, seed, _config(steps, size, coreset, target_far, fusion), line, cb, speed,
+        report = run_eval(data, few_shot, seed, _config(steps, size, coreset, target_far, fusion, backbone), line, cb, speed,
                           max(8, speed_images), few_shot_threshold)
     finally:
         close()

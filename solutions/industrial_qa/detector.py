@@ -4,6 +4,7 @@ Pipeline (one visible chain, see :meth:`AnomalyDetector.fit`)::
 
     train/good images --split--> fit set (SSL + memory bank) | held-out normals (calibration)
     fit set -> train_feature_net (synthetic-defect segmentation pretext, features.py)
+               or, with a user-supplied ImageNet ResNet (--backbone), its frozen layer2+3 (backbone.py)
             -> patch features (N*h*w, D) -> random subsample -> greedy k-center coreset (M, D)
     held-out normals -> maps -> per-map normalisation stats -> image scores -> Calibrator
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import DataError, ModelNotReady
+from solutions.industrial_qa.backbone import BackboneNet, load_backbone
 from solutions.industrial_qa.calibration import Calibrator
 from solutions.industrial_qa.data import load_array, load_batch
 from solutions.industrial_qa.features import FeatureConfig, FeatureNet, train_feature_net
@@ -66,6 +68,18 @@ class DetectorConfig:
         measurements (`verticals capacity --tiny-models`): exercises every stage, not quality."""
         return cls(features=FeatureConfig(image_size=64, widths=(8, 16, 24, 32), steps=6, batch_size=4),
                    coreset_size=64, min_holdout=4, batch_size=8, coarse_grid=4, coarse_bank=64)
+
+    def use_backbone(self, path: str | Path) -> DetectorConfig:
+        """Use a user-supplied torchvision-layout ImageNet ResNet (backbone.py) instead of the
+        self-supervised net: checked now (clear :class:`DataError` for a bad file), architecture
+        recorded, fusion set to the kNN map (a frozen backbone has no pretext segmentation head)."""
+        from solutions.industrial_qa.backbone import detect_arch, read_state_dict
+
+        p = Path(path).expanduser().resolve()
+        self.features.backbone_arch = detect_arch(read_state_dict(p))
+        self.features.backbone = str(p)
+        self.fusion = "knn"
+        return self
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,7 +198,7 @@ class AnomalyDetector:
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or DetectorConfig()
-        self.net: FeatureNet | None = None
+        self.net: FeatureNet | BackboneNet | None = None   # SSL net, or a frozen user ResNet
         self.memory: torch.Tensor | None = None        # (M, D) normal patch features
         self.memory_sq: torch.Tensor | None = None     # (M,) squared norms (fast distances)
         self.bank_mean: torch.Tensor | None = None     # (D,) feature mean before the PCA projection
@@ -216,10 +230,16 @@ class AnomalyDetector:
         size = cfg.features.image_size
         report("loading images", 0.0)
         images = load_batch(fit, size)
-        report("self-supervised training", 0.0)
-        self.net = train_feature_net(images, cfg.features,
-                                     on_step=lambda i, loss: report("self-supervised training",
-                                                                    (i + 1) / cfg.features.steps))
+        if cfg.features.backbone:
+            # a user-supplied ImageNet ResNet: frozen PatchCore features, no self-supervised step
+            report("loading backbone", 0.0)
+            self.net = load_backbone(cfg.features.backbone)
+            cfg.features.backbone_arch = self.net.arch
+        else:
+            report("self-supervised training", 0.0)
+            self.net = train_feature_net(images, cfg.features,
+                                         on_step=lambda i, loss: report("self-supervised training",
+                                                                        (i + 1) / cfg.features.steps))
         self.net = self.net.eval().to(memory_format=torch.channels_last)
         report("memory bank", 0.0)
         feats, regions = [], []
@@ -410,7 +430,7 @@ class AnomalyDetector:
         self.info["holdout_scores"] = [float(v) for v in scores]
 
     # --- scoring ---------------------------------------------------------------------------------
-    def _require(self) -> FeatureNet:
+    def _require(self) -> FeatureNet | BackboneNet:
         if self.net is None or self.memory is None:
             raise ModelNotReady("the detector has not been trained; run `verticals industrial-qa train`")
         return self.net
@@ -563,7 +583,8 @@ class AnomalyDetector:
         cfg.setdefault("coarse_grid", 0)  # models saved before the coarse branch
         det = cls(DetectorConfig.from_dict(cfg))
         tensors = load_file(str(folder / "weights.safetensors"))
-        det.net = FeatureNet(det.config.features)
+        arch = det.config.features.backbone_arch
+        det.net = BackboneNet(arch) if arch else FeatureNet(det.config.features)
         det.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         det.net = det.net.eval().to(memory_format=torch.channels_last)
         det.memory = tensors["memory"]

@@ -40,6 +40,10 @@ class FeatureConfig:
     # input normalisation: "dataset" = the fit images' channel mean/std; "image" = each image's own
     # mean/std (parts vary in brightness and contrast from part to part: normal variation)
     input_norm: str = "image"
+    # a user-supplied ImageNet ResNet checkpoint (backbone.py) replaces the self-supervised net:
+    # path as given, and the architecture detected from it (set by AnomalyDetector.fit)
+    backbone: str = ""
+    backbone_arch: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,33 @@ def tiny_detector(iqa_src: Path):  # noqa: ANN201
     torch.manual_seed(0)
     paths = sorted((iqa_src / "train" / "good").iterdir())[:24]
     return AnomalyDetector(_tiny_config()).fit(paths)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # noqa: ANN202
+    """Run ``verticals industrial-qa ...`` in-process through the real entry point (core.cli.main)."""
+    from core.cli import main
+    from core.db import reset_engines
+    from core.settings import reset_settings
+
+    def run(*args: str, home: Path) -> Result:
+        monkeypatch.setenv("VERTICALS_HOME", str(home))
+        reset_settings()
+        reset_engines()
+        capsys.readouterr()
+        code = 0
+        try:
+            main(["industrial-qa", *args])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return run

@@ -3,42 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 TINY = ["--steps", "4", "--size", "64", "--coreset", "64"]
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # noqa: ANN202
-    """Run ``verticals industrial-qa ...`` in-process through the real entry point (core.cli.main)."""
-    from core.cli import main
-    from core.db import reset_engines
-    from core.settings import reset_settings
-
-    def run(*args: str, home: Path) -> Result:
-        monkeypatch.setenv("VERTICALS_HOME", str(home))
-        reset_settings()
-        reset_engines()
-        capsys.readouterr()
-        code = 0
-        try:
-            main(["industrial-qa", *args])
-        except SystemExit as e:
-            code = int(e.code or 0)
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
-
-    return run
 
 
 def test_evaluate_prints_one_json_report_with_few_shot(_cli, tiny_mvtec: Path, tmp_path: Path) -> None:  # noqa: ANN001
