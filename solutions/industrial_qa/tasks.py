@@ -30,7 +30,8 @@ def inspect_batch(inspection_ids: list[int]) -> dict[str, str]:
     return {str(k): v for k, v in run_inspections(inspection_ids).items()}
 
 
-def _train(job_key: str, line: str, data: str, steps: int | None = None) -> dict[str, Any]:
+def _train(job_key: str, line: str, data: str, steps: int | None = None,
+           backbone: str | None = None) -> dict[str, Any]:
     import torch
 
     from core.jobs import JobReporter
@@ -44,11 +45,14 @@ def _train(job_key: str, line: str, data: str, steps: int | None = None) -> dict
     cfg = DetectorConfig()
     if steps is not None:
         cfg.features.steps = int(steps)
+    if backbone:
+        cfg.use_backbone(backbone)  # a user-supplied ImageNet ResNet instead of SSL (backbone.py)
     with JobReporter(job_key, kind="train", solution="industrial_qa") as rep:
         from solutions.industrial_qa.evaluation import tqdm_progress
 
         bar, close = tqdm_progress(f"train {line}")
         stages = {"loading images": (0.0, 0.05), "self-supervised training": (0.05, 0.85),
+                  "loading backbone": (0.05, 0.1),
                   "memory bank": (0.85, 0.95), "calibration": (0.95, 1.0), "done": (1.0, 1.0)}
 
         def cb(stage: str, frac: float) -> None:
@@ -71,5 +75,6 @@ def train_default(job_key: str, line: str = "magnetic_tile", data: str = "indust
 
 
 @app.task(name="industrial_qa.train_line")
-def train_line_task(job_key: str, line: str, data: str, steps: int | None = None) -> dict[str, Any]:
-    return _train(job_key, line, data, steps)
+def train_line_task(job_key: str, line: str, data: str, steps: int | None = None,
+                    backbone: str | None = None) -> dict[str, Any]:
+    return _train(job_key, line, data, steps, backbone)

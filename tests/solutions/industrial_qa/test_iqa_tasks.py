@@ -78,3 +78,38 @@ def test_inspect_task_end_to_end_idempotent_and_bad_images(embedded_worker, tiny
     run_inspections([first])
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Defect).where(Defect.inspection_id == first)) == n_def
+
+
+@pytest.mark.parametrize("embedded_worker", [["industrial_qa"]], indirect=True)
+def test_worker_inspects_with_a_user_backbone_model(embedded_worker, tiny_mvtec: Path, tiny_config,
+                                                    tmp_path: Path) -> None:
+    """A --backbone model is self-contained: the worker rebuilds the same frozen ResNet from the
+    stored model even after the user's checkpoint file is gone."""
+    import torch
+
+    from core.queue import app
+    from solutions.industrial_qa import store
+    from solutions.industrial_qa.backbone import BackboneNet
+    from solutions.industrial_qa.detector import AnomalyDetector
+    from solutions.industrial_qa.orm import Inspection
+    from solutions.industrial_qa.service import scan_folder
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r18.pth"
+    torch.save(BackboneNet("resnet18").body.state_dict(), ckpt)
+    _train_tiny(tiny_mvtec, "line-bb", tiny_config.use_backbone(ckpt))
+    ckpt.unlink()
+    local = AnomalyDetector.load(store.active_path("line-bb"))
+    assert isinstance(local.net, BackboneNet) and local.config.fusion == "knn"
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    imgs = [sorted((tiny_mvtec / "test" / "good").iterdir())[0], sorted((tiny_mvtec / "test" / "crack").iterdir())[0]]
+    for p in imgs:
+        (drop / p.name).write_bytes(p.read_bytes())
+    ids = scan_folder(drop, "line-bb", set())
+    app.send_task("industrial_qa.inspect_batch", kwargs={"inspection_ids": ids}).get(timeout=240, interval=0.05)
+    expected = {p.name: r.score for p, r in zip(imgs, local.inspect_images([drop / p.name for p in imgs]), strict=True)}
+    with session_scope() as s:
+        rows = {r.image_path.rsplit("/", 1)[-1]: (r.status, r.score) for r in s.scalars(select(Inspection))}
+    for name, score in expected.items():
+        assert rows[name][0] == "done" and rows[name][1] == pytest.approx(score, rel=1e-4, abs=1e-4)
