@@ -32,6 +32,8 @@ def _config(steps: int | None, size: int | None, coreset: int | None, far: float
     if fusion is not None:
         if fusion not in ("knn", "seg", "sum"):
             raise DataError("--fusion must be knn, seg or sum")
+        if backbone is not None and fusion == "seg":
+            raise DataError("--fusion seg needs the self-supervised pretext head; with --backbone use knn")
         cfg.fusion = fusion  # type: ignore[assignment]
     if steps is not None:
         cfg.features.steps = steps

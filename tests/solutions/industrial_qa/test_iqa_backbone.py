@@ -167,3 +167,6 @@ def test_cli_backbone_option(r18_files: dict[str, Path], tiny_mvtec: Path, tmp_p
     r = _cli("train", "--data", str(tiny_mvtec), "--line", "l1", "--backbone", str(bad), *tiny, home=tmp_path / "h")
     assert r.returncode != 0
     assert "could not be read" in (r.stdout + r.stderr) and "Traceback" not in r.stderr
+    r = _cli("evaluate", "--data", str(tiny_mvtec), "--backbone", str(r18_files["pth"]), "--fusion", "seg",
+             home=tmp_path / "h")
+    assert r.returncode == 2 and "with --backbone use knn" in r.stderr
