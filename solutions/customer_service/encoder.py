@@ -13,6 +13,7 @@ Data contract:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
@@ -33,9 +34,12 @@ def _model_path() -> str:
 
 def bf16_matmuls() -> bool:
     """Run the fp32 encoder's matmuls in bf16 (``torch.autocast``)? Only where the CPU has native
-    AVX-512 BF16 or AMX: there it is ~1.6x the pairs per CPU-second with token embeddings equal to fp32
-    ones within cosine 0.99998 (so heads trained on fp32 features run unchanged); on AVX2-only CPUs bf16
-    is emulated and far slower, so fp32 stays. ``VERTICALS_CS_ENCODER_BF16=0|1`` overrides the check.
+    AVX-512 BF16 or AMX *and* bf16 is measured faster here: token embeddings equal fp32 ones within cosine
+    0.99998 (so heads trained on fp32 features run unchanged), but the speed depends on the CPU: ~1.6x the
+    pairs per CPU-second on an AMD EPYC with AVX-512 BF16, 0.58x on an Intel VM with AVX-512 BF16 and no
+    AMX (BENCHMARKS), emulated and far slower on AVX2-only CPUs. So the flag is checked first and then a
+    MiniLM-sized matmul is timed once per process (``_bf16_faster``). ``VERTICALS_CS_ENCODER_BF16=0|1``
+    overrides both.
     """
     env = os.environ.get("VERTICALS_CS_ENCODER_BF16", "auto").strip().lower()
     if env in ("0", "false", "off", "no"):
@@ -46,9 +50,39 @@ def bf16_matmuls() -> bool:
 
     cpu = getattr(torch, "cpu", None)
     try:
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())  # type: ignore[union-attr]
+        native = bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())  # type: ignore[union-attr]
     except (AttributeError, RuntimeError):
         return False
+    return native and _bf16_faster()
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_faster(margin: float = 1.15) -> bool:
+    """Time a MiniLM feed-forward matmul ((640, 384) x (384, 1536), one thread) in fp32 and under bf16
+    autocast, best of 3 CPU-time runs each, interleaved (~0.2 CPU-s once per process); bf16 only when it is
+    ``margin`` x faster."""
+    import time
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(640, 384, generator=g), torch.randn(1536, 384, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = {True: float("inf"), False: float("inf")}
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
+                for bf16 in (True, False):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        torch.nn.functional.linear(x, w)  # warm-up of this variant's kernel
+                        t = time.process_time()
+                        for _ in range(4):
+                            torch.nn.functional.linear(x, w)
+                        best[bf16] = min(best[bf16], time.process_time() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return best[True] * margin < best[False]
 
 
 class MiniLMEncoder:

@@ -23,6 +23,23 @@ def test_bf16_switch_follows_the_env_override(monkeypatch: pytest.MonkeyPatch) -
     assert MiniLMEncoder(quantized=True).bf16 is False  # int8 keeps its own kernels
 
 
+def test_auto_bf16_needs_native_support_and_a_measured_gain(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from solutions.customer_service import encoder as E
+
+    monkeypatch.setenv("VERTICALS_CS_ENCODER_BF16", "auto")
+    assert isinstance(E._bf16_faster(), bool)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(E, "_bf16_faster", lambda: False)
+    assert bf16_matmuls() is False  # native bf16 that is slower here (Intel AVX-512 BF16 without AMX)
+    monkeypatch.setattr(E, "_bf16_faster", lambda: True)
+    assert bf16_matmuls() is True
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert bf16_matmuls() is False  # emulated bf16 (AVX2): never, whatever a timing says
+
+
 def test_bf16_features_match_fp32_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     # the fp32-trained heads run on bf16 features unchanged only because these are (nearly) the same
     monkeypatch.setenv("VERTICALS_CS_ENCODER_BF16", "0")
