@@ -21,6 +21,7 @@ self-supervised net's, so the memory bank / coreset / scoring path is shared unc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,14 +104,14 @@ def _build(arch: str) -> nn.Module:
     from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 
     kind, layers, width = ARCHS[arch]
-    block: type[nn.Module] = ResNetBlock
+    block: Any = ResNetBlock
     if kind == "bottleneck":
         block = ResNetBottleneck if width == 1 else _wide_bottleneck(width)
     net = ResNet(block, list(layers), [64, 128, 256, 512], spatial_dims=2, n_input_channels=3,
                  conv1_t_size=7, conv1_t_stride=2, no_max_pool=False, shortcut_type="B",
                  bias_downsample=False, num_classes=1)
-    net.layer4 = nn.Identity()
-    net.fc = None
+    net.layer4 = nn.Identity()  # type: ignore[assignment]
+    net.fc = None  # type: ignore[assignment]
     return net
 
 
@@ -173,8 +174,8 @@ class BackboneNet(nn.Module):
         self.body.load_state_dict({k: kept[k].float() for k in own})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.body
-        x = (x - self.mean) / self.std
+        b: Any = self.body
+        x = (x - self.mean) / self.std  # type: ignore[operator]
         x = b.maxpool(b.act(b.bn1(b.conv1(x))))
         f2 = b.layer2(b.layer1(x))                                   # (B, C2, S/8, S/8)
         f3 = b.layer3(f2)                                            # (B, C3, S/16, S/16)
