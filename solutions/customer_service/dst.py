@@ -202,12 +202,24 @@ def intent_logits(heads: TrackerHeads, u: torch.Tensor, s: torch.Tensor, d: torc
     """Scores (n,) of n candidate intents (descriptions d (n, 384)) for one turn: u, s (384,), tokens
     h (T, 384) with segments seg (T,) (0 = user), needed when the heads have an intent reader."""
     n = d.shape[0]
+    return intent_logits_many(heads, u[None], s[None], d, was, torch.zeros(n, dtype=torch.long), torch.arange(n),
+                              None if h is None else h[None], None if seg is None else seg[None])
+
+
+def intent_logits_many(heads: TrackerHeads, u: torch.Tensor, s: torch.Tensor, d: torch.Tensor, was: torch.Tensor,
+                       rows: torch.Tensor, pos: torch.Tensor, h: torch.Tensor | None = None,
+                       seg: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores (m,) of m candidate intents (descriptions d (m, 384)) of several turns: candidate i belongs
+    to turn ``rows[i]`` (u, s (B, 384); tokens h (B, T, 384) with segments seg (B, T), 0 = user, 2 =
+    padding) and is that turn's ``pos[i]``-th candidate."""
     pu = None
     if heads.intent_reader is not None:
         if h is None or seg is None:
             raise ValueError("this tracker's intent head reads the turn's tokens: pass h and seg")
-        pu = heads.intent_reader(h[None], (seg == 0)[None], d[None])[0]
-    return heads.intent(intent_features(u.expand(n, -1), s.expand(n, -1), d, was, pu)).squeeze(-1)
+        dpad = torch.zeros(h.shape[0], int(pos.max()) + 1, d.shape[1])
+        dpad[rows, pos] = d
+        pu = heads.intent_reader(h, seg == 0, dpad)[rows, pos]
+    return heads.intent(intent_features(u[rows], s[rows], d, was, pu)).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------ schema text
@@ -475,15 +487,8 @@ class DialogueStateTracker:
                for j in jobs]
         if not items:
             return new
-        ir, ip = torch.tensor(i_rows), torch.tensor(i_pos)
-        d_i = torch.stack([c for cs in cand for c in cs])
-        pu = None
-        if self.heads.intent_reader is not None:
-            m = max(len(cs) for cs in cand)
-            dpad = torch.zeros(n, m, DIM)
-            dpad[ir, ip] = d_i
-            pu = self.heads.intent_reader(h, seg == 0, dpad)[ir, ip]
-        il = self.heads.intent(intent_features(u[ir], s[ir], d_i, torch.tensor(was_l), pu)).squeeze(-1)
+        il = intent_logits_many(self.heads, u, s, torch.stack([c for cs in cand for c in cs]), torch.tensor(was_l),
+                                torch.tensor(i_rows), torch.tensor(i_pos), h, seg)
         if s_rows:
             sr = torch.tensor(s_rows)
             st_all, req_all = self.heads.slot(h, seg, mask, torch.stack(s_d), u[sr], s[sr], torch.tensor(has_l),
