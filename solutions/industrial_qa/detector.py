@@ -323,13 +323,34 @@ class AnomalyDetector:
         return F.interpolate(z[:, None], size=feats.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
     @staticmethod
-    def _loo_z(m: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Leave-one-out per-position z-scores of ``m (n, h, w)`` and the all-in mean, std ``(h, w)``."""
+    def _loo_z(m: torch.Tensor, floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Leave-one-out per-position z-scores of ``m (n, h, w)`` and the all-in mean, std ``(h, w)``;
+        ``floor`` on the std (default a quarter of the mean per-position std: keeps near-constant
+        positions finite)."""
+        if floor is None:
+            floor = 0.25 * float(m.std(0).mean()) + 1e-6
         n = m.shape[0]
         tot, tot2 = m.sum(0), (m ** 2).sum(0)
         mu_loo = (tot[None] - m) / (n - 1)                              # (n, h, w)
         var_loo = ((tot2[None] - m ** 2) - (n - 1) * mu_loo ** 2) / (n - 2)
         return (m - mu_loo) / var_loo.clamp_min(0).sqrt().clamp_min(floor), tot / n, m.std(0).clamp_min(floor)
+
+    def _raw_maps(self, hold_x: np.ndarray, keep_feats: bool = False) -> tuple[
+            torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Raw maps of ``hold_x (n, 3, S, S)`` in batches: (features if ``keep_feats``, knn, seg, coarse raw
+        distances or None)."""
+        feats, knn, seg, coarse = [], [], [], []
+        for i in range(0, len(hold_x), self.config.batch_size):
+            f, k, s = self._raw(torch.from_numpy(np.ascontiguousarray(hold_x[i:i + self.config.batch_size])))
+            knn.append(k)
+            seg.append(s)
+            c = self._coarse_raw(f)
+            if c is not None:
+                coarse.append(c)
+            if keep_feats:
+                feats.append(f)
+        return (torch.cat(feats) if feats else None, torch.cat(knn), torch.cat(seg),
+                torch.cat(coarse) if coarse else None)
 
     @torch.inference_mode()
     def _fit_normalisation(self, hold_x: np.ndarray) -> np.ndarray:
@@ -339,21 +360,11 @@ class AnomalyDetector:
         held-out image is scored with leave-one-out statistics (closed form): otherwise its own map
         would be in its normaliser and the threshold would come out too low.
         """
-        knn, seg, coarse = [], [], []
-        for i in range(0, len(hold_x), self.config.batch_size):
-            f, k, s = self._raw(torch.from_numpy(hold_x[i:i + self.config.batch_size]))
-            knn.append(k)
-            seg.append(s)
-            c = self._coarse_raw(f)
-            if c is not None:
-                coarse.append(c)
-        k_all, s_all = torch.cat(knn), torch.cat(seg)                   # (n, h, w) each
+        _, k_all, s_all, c_all = self._raw_maps(hold_x)  # (n, h, w) each; coarse (n, g, g) or None
         self.coarse_stats = None
-        c_all = torch.cat(coarse) if coarse else None                   # (n, g, g) or None
         if c_all is not None and c_all.shape[0] >= 3:
             # held-out images are scored with leave-one-out statistics, as for the stride-8 maps
-            floor = 0.25 * float(c_all.std(0).mean()) + 1e-6
-            c_loo, c_mu, c_sd = self._loo_z(c_all, floor)
+            c_loo, c_mu, c_sd = self._loo_z(c_all)
             self.coarse_stats = torch.stack([c_mu, c_sd])
         self.stats = {"knn_mean": float(k_all.mean()), "knn_std": float(k_all.std()) + 1e-6,
                       "seg_mean": float(s_all.mean()), "seg_std": float(s_all.std()) + 1e-6}
@@ -364,8 +375,7 @@ class AnomalyDetector:
             return self.score_arrays(hold_x).scores
         parts, loo = [], []
         for m in (k_all, s_all):
-            floor = 0.25 * float(m.std(0).mean()) + 1e-6    # keeps near-constant positions finite
-            z, mu, sd = self._loo_z(m, floor)
+            z, mu, sd = self._loo_z(m)
             loo.append(z)
             parts += [mu, sd]
         self.pos_stats = torch.stack(parts)                                 # (4, h, w)
@@ -396,26 +406,17 @@ class AnomalyDetector:
                 return self.score_arrays(hold_x)
             finally:
                 self.fewshot = saved
-        feats, knn, seg, coarse = [], [], [], []
-        for i in range(0, len(hold_x), self.config.batch_size):
-            f, k, s = self._raw(torch.from_numpy(np.ascontiguousarray(hold_x[i:i + self.config.batch_size])))
-            feats.append(f)
-            knn.append(k)
-            seg.append(s)
-            c = self._coarse_raw(f)
-            if c is not None:
-                coarse.append(c)
-        f_all, k_all, s_all = torch.cat(feats), torch.cat(knn), torch.cat(seg)
+        f_all, k_all, s_all, c_all = self._raw_maps(hold_x, keep_feats=True)
+        assert f_all is not None
         if ps.shape[-2:] != k_all.shape[-2:]:
             raise DataError("held-out images do not match the model's map size")
         eq = []
         for m, mu, sd in ((k_all, ps[0], ps[1]), (s_all, ps[2], ps[3])):
-            z, _, _ = self._loo_z(m, 0.25 * float(m.std(0).mean()) + 1e-6)   # the floors of _fit_normalisation
+            z, _, _ = self._loo_z(m)   # as in _fit_normalisation
             eq.append(z * sd + mu)
         cz = None
-        if self.coarse_stats is not None and len(coarse) == len(feats):
-            c_all = torch.cat(coarse)
-            z, _, _ = self._loo_z(c_all, 0.25 * float(c_all.std(0).mean()) + 1e-6)
+        if self.coarse_stats is not None and c_all is not None:
+            z, _, _ = self._loo_z(c_all)
             cz = self.coarse_map(f_all, raw=z * self.coarse_stats[1] + self.coarse_stats[0])
         maps = self.upsample(self.fuse(eq[0], eq[1], cz), hold_x.shape[-1])
         return MapOutput(maps.numpy(), maps.flatten(1).max(1).values.numpy(), f_all, eq[0], eq[1], cz)
