@@ -210,9 +210,18 @@ class FewShotHead:
 
     def _stats(self, det: AnomalyDetector, out: MapOutput, size: int) -> np.ndarray:
         """Image-head inputs for unsupervised outputs ``out`` (the patch head's map when fitted)."""
+        return self._score_parts(det, out, size)[0]
+
+    def _score_parts(self, det: AnomalyDetector, out: MapOutput,
+                     size: int) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor]:
+        """(image-head inputs, stride-8 patch logits or None, upsampled map) for unsupervised outputs."""
         p = self._patch_logits(det, out.feats, out.knn, out.seg, out.coarse)
         maps = det.upsample(p if p is not None else det.fuse(out.knn, out.seg, out.coarse), size)
-        return _image_stats(det, out.knn, out.seg, maps, p, out.coarse, self.unsup_col)
+        return _image_stats(det, out.knn, out.seg, maps, p, out.coarse, self.unsup_col), p, maps
+
+    def _image_logit(self, stats: np.ndarray) -> np.ndarray:
+        """The image head's logit for image-head inputs ``stats`` (B, 6)."""
+        return (stats - self.img_mu) / self.img_sd @ self.img_w + self.img_b
 
     @classmethod
     def cross_validate(cls, det: AnomalyDetector, d_out: MapOutput, n_out: MapOutput, masks: np.ndarray | None,
@@ -243,10 +252,8 @@ class FewShotHead:
                                masks[dtr] if masks is not None else None, size, seed)
             for idx, out in ((dte, d_out), (nte, n_out)):
                 sub = _take(out, idx)
-                p = h._patch_logits(det, sub.feats, sub.knn, sub.seg, sub.coarse)
-                maps = det.upsample(p if p is not None else det.fuse(sub.knn, sub.seg, sub.coarse), size)
-                stats = _image_stats(det, sub.knn, sub.seg, maps, p, sub.coarse, h.unsup_col)
-                cv_head[idx + (0 if out is d_out else k)] = (stats - h.img_mu) / h.img_sd @ h.img_w + h.img_b
+                stats, p, maps = h._score_parts(det, sub, size)
+                cv_head[idx + (0 if out is d_out else k)] = h._image_logit(stats)
                 if masks is not None and p is not None:
                     mh = F.interpolate(maps[:, None], size=(small, small), mode="area")[:, 0]
                     mu = F.interpolate(torch.from_numpy(sub.maps)[:, None], size=(small, small), mode="area")[:, 0]
@@ -304,8 +311,7 @@ class FewShotHead:
         if self.map_mode != "head" and p is not None:  # the image head was fitted on the head's maps
             maps = det.upsample(p, size)
         stats = _image_stats(det, knn, seg, maps, p, coarse, self.unsup_col)
-        x = (stats - self.img_mu) / self.img_sd
-        return torch.from_numpy((x @ self.img_w + self.img_b).astype(np.float32))
+        return torch.from_numpy(self._image_logit(stats).astype(np.float32))
 
     @staticmethod
     def _pooled(feats: torch.Tensor, maps: torch.Tensor) -> np.ndarray:
