@@ -75,7 +75,8 @@ class Benchmark:
     ewc_normalize: str = "none"  # FisherNorm of core.continual.ewc: "none", "max" or "mean" per task
     ewc_kfac_tol: float = 1e-3  # eigenvalue cut-off of fisher="kfac" (relative to each factor's largest)
     ewc_kfac_refresh: int = 1  # fisher="kfac", apply="grad": exact penalty gradient every this many steps
-    ewc_kfac_normalize: str = "none"  # FisherNorm used instead of ewc_normalize when the Fisher is "kfac"
+    ewc_kfac_normalize: str = "none"  # FisherNorm used instead of ewc_normalize for the kfac kinds
+    ewc_kfac_block_max: int = 128  # fisher="kfac_merged": largest per-unit block side (else diagonal)
     replay_ewc_lambda: float | None = None  # lambda of the ewc+replay combinations (None: ewc_lambda)
     replay_ewc_fisher: str | None = None  # Fisher of the ewc+replay combinations (None: ewc_fisher)
     notes: dict[str, str] = field(default_factory=dict)

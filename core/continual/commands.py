@@ -40,7 +40,7 @@ def continual_eval(
     ewc_kfac_refresh: Annotated[int | None, typer.Option(min=1, help="KFAC EWC: recompute the penalty gradient "
                                                          "every N steps (1 = every step).")] = None,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
-                                                   "empirical_per_sample | true | kfac (also for the +replay combinations).")] = None,
+                                                   "empirical_per_sample | true | kfac | kfac_merged (also for the +replay combinations).")] = None,
 ) -> None:
     """Train the benchmark's tasks in sequence with METHOD; report R[i][j], forgetting, transfer, and the
     naive and joint references from the same run."""
@@ -67,8 +67,9 @@ def continual_eval(
     if validation:
         bench = benchmarks.validation(bench)
     if ewc_fisher is not None:
-        if ewc_fisher not in ("empirical", "empirical_per_sample", "true", "kfac"):
-            raise ConfigError(f"unknown EWC Fisher {ewc_fisher!r}; choose empirical, empirical_per_sample, true or kfac")
+        if ewc_fisher not in ("empirical", "empirical_per_sample", "true", "kfac", "kfac_merged"):
+            raise ConfigError(f"unknown EWC Fisher {ewc_fisher!r}; choose empirical, empirical_per_sample, true, "
+                              "kfac or kfac_merged")
         bench.ewc_fisher = ewc_fisher
         bench.replay_ewc_fisher = None  # the combinations too
     if ewc_kfac_refresh is not None:

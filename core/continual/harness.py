@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from core.continual import adapters
 from core.continual.benchmarks import Batch, Benchmark, Task, loss_fn, output_fn
-from core.continual.ewc import EWC
+from core.continual.ewc import EWC, KFAC_KINDS
 from core.continual.replay import Replay, ReservoirBuffer
 from core.errors import ConfigError
 from core.train.hooks import TrainerHook
@@ -136,6 +136,9 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
         if fisher == "kfac":
             out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
+        elif fisher == "kfac_merged":
+            out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_refresh=bench.ewc_kfac_refresh,
+                       ewc_normalize=bench.ewc_kfac_normalize)
         elif bench.ewc_normalize != "none":
             out["ewc_normalize"] = bench.ewc_normalize
         if base == "online-ewc":
@@ -148,7 +151,7 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
 
 
 def _normalize(bench: Benchmark) -> str:
-    return bench.ewc_kfac_normalize if bench.ewc_fisher == "kfac" else bench.ewc_normalize
+    return bench.ewc_kfac_normalize if bench.ewc_fisher in KFAC_KINDS else bench.ewc_normalize
 
 
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
@@ -162,13 +165,15 @@ def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
                     temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
-                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh)]  # type: ignore[arg-type]
+                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
+                    kfac_block_max=bench.ewc_kfac_block_max)]
     if method == "online-ewc":
         return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
                     temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
-                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh)]  # type: ignore[arg-type]
+                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
+                    kfac_block_max=bench.ewc_kfac_block_max)]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
     return []
@@ -255,19 +260,21 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     torch.manual_seed(seed)
     model = bench.make_model().to(device)
     fisher = bench.ewc_fisher
-    refresh = bench.ewc_kfac_refresh if fisher == "kfac" else 1
+    refresh = bench.ewc_kfac_refresh if fisher in KFAC_KINDS else 1
     steps = -(-steps // refresh) * refresh
     ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,  # type: ignore[arg-type]
               fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
+              kfac_block_max=bench.ewc_kfac_block_max, normalize=_normalize(bench),  # type: ignore[arg-type]
               consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
     for task in bench.tasks:
         ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
-    applies = ("grad", "loss") if fisher == "kfac" else ("grad", "loss", "prox")
+    applies = ("grad", "loss") if fisher in KFAC_KINDS else ("grad", "loss", "prox")
     hooks: dict[str, list[TrainerHook]] = {"plain": []}
     for apply in applies:
         h = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply=apply,  # type: ignore[arg-type]
                 fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
-                kfac_refresh=refresh, consolidate_at_task_end=False)
+                kfac_refresh=refresh, kfac_block_max=bench.ewc_kfac_block_max,
+                normalize=_normalize(bench), consolidate_at_task_end=False)  # type: ignore[arg-type]
         h.load_state_dict(ewc.state_dict())
         hooks[apply] = [h]
     timers = {k: _StepTimer() for k in hooks}

@@ -506,3 +506,126 @@ def test_kfac_normalize_scales_each_task_to_one(net: Net, norm: str) -> None:
             torch.testing.assert_close(fs[f"{n}#A"], raw[f"{n}#A"])  # A untouched, G one common scale
         ratio = float(fs["head#G"].trace() / raw["head#G"].trace())
         torch.testing.assert_close(fs["body.0#G"], raw["body.0#G"] * ratio, rtol=1e-4, atol=1e-10)
+
+
+# -- kfac_merged: per-task Kronecker factors merged into one structured penalty per layer ----------------
+LAYERS = (("body.0", lambda m: m.body[0]), ("head", lambda m: m.head))
+
+
+def _merged_fisher(a: torch.Tensor, g: torch.Tensor, kind: str) -> torch.Tensor:
+    """The structured Fisher of one layer on the row-major vec([W | b]), built the slow way."""
+    if kind == "rows":  # one in' x in' block per output unit: diag(G) (x) A
+        return torch.kron(torch.diag(g.diagonal()), a)
+    if kind == "cols":  # one out x out block per input column: G (x) diag(A)
+        return torch.kron(g, torch.diag(a.diagonal()))
+    return torch.kron(torch.diag(g.diagonal()), torch.diag(a.diagonal()))
+
+
+def _slow_merged_penalty(ewc: EWC, model: Net) -> torch.Tensor:
+    """lambda/2 * sum_t sum_layers vec(X - X_t)^T F_t vec(X - X_t), one term per stored task."""
+    total = torch.zeros((), dtype=torch.float64)
+    for t, fs in ewc.fishers.items():
+        for layer, get in LAYERS:
+            if f"{layer}#A" not in fs:
+                continue
+            mod = get(model)
+            x = torch.cat([mod.weight, mod.bias[:, None]], dim=1).double()
+            anchor = ewc.anchors[t]
+            x_t = torch.cat([anchor[f"{layer}.weight"], anchor[f"{layer}.bias"][:, None]], dim=1).double()
+            a, g = fs[f"{layer}#A"].double(), fs[f"{layer}#G"].double()
+            kind = ewc._merged_structure(a.shape[0], g.shape[0])
+            d = (x - x_t).reshape(-1)
+            total = total + d @ _merged_fisher(a, g, kind) @ d
+    return 0.5 * ewc.lam * total
+
+
+@pytest.mark.parametrize(("block_max", "kinds"), [(128, ("rows", "cols")), (4, ("diag", "cols")),
+                                                  (0, ("diag", "diag"))])
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_kfac_merged_equals_the_sum_of_per_task_penalties(net: Net, block_max: int, kinds: tuple, mode: str) -> None:
+    """Three tasks merged into one term per layer: penalty and its gradient (loss and grad paths) equal
+    the per-task sum computed the slow way; every structure (rows / cols / diag) is exercised."""
+    ewc = EWC(7.0, fisher="kfac_merged", kfac_block_max=block_max, mode=mode, decay=0.6)  # type: ignore[arg-type]
+    assert float(ewc.penalty(net)) == 0.0  # zero before the first consolidation
+    model = copy.deepcopy(net)
+    for i in range(3):
+        ewc.consolidate(model, loss_fn, task_data(40 + i), f"t{i}")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    assert tuple(ewc._merged[n][0] for n, _ in LAYERS) == kinds
+    assert len(ewc.fishers) == 3 and all(len(terms) == 4 for terms in ewc._merged.values())  # one term
+    slow = _slow_merged_penalty(ewc, model)
+    fast = ewc.penalty(model)
+    assert float(slow.detach()) > 0
+    assert float(fast.detach()) == pytest.approx(float(slow.detach()), rel=1e-4)
+    want = [w.float() for w in torch.autograd.grad(slow, list(model.parameters()))]
+    got = torch.autograd.grad(fast, list(model.parameters()))
+    model.zero_grad(set_to_none=True)
+    ewc.after_backward(type("T", (), {"model": model})())  # apply="grad": lambda * (M X - V) in .grad
+    for w, g, p in zip(want, got, model.parameters(), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)
+
+
+def test_kfac_merged_online_decay_and_latest_anchor(net: Net) -> None:
+    """online: F <- decay * F_old + F_new (the G factor of the old task scaled), one anchor (the latest
+    weights): the merged penalty is zero there and equals decay * F_a + F_b around it."""
+    ewc = EWC(2.0, fisher="kfac_merged", mode="online", decay=0.5)
+    f_a = ewc.consolidate(net, loss_fn, task_data(45), "a")
+    with torch.no_grad():
+        net.head.bias.add_(1.0)
+    f_b = ewc.consolidate(net, loss_fn, task_data(46), "b")
+    torch.testing.assert_close(ewc.fishers["a"]["head#G"], 0.5 * f_a["head#G"])
+    assert float(ewc.penalty(net).detach()) == pytest.approx(0.0, abs=1e-5)
+    moved, d = copy.deepcopy(net), torch.tensor([0.2, 0.0, -0.1])
+    with torch.no_grad():
+        moved.head.bias.add_(d)
+    # head is "cols": the bias column j = in' - 1 has block A[j, j] * G = 1 * G per task
+    expected = 0.5 * 2.0 * float(d @ (0.5 * f_a["head#G"] + f_b["head#G"]) @ d)
+    assert expected > 0
+    assert float(ewc.penalty(moved).detach()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_kfac_merged_resume_and_reads_kfac_state(net: Net, tmp_path) -> None:  # noqa: ANN001
+    """Saved factors + anchors restore the same merged penalty; a plain kfac checkpoint (same factors)
+    loads into kfac_merged too; a diagonal hook still refuses them."""
+    ewc = EWC(5.0, fisher="kfac_merged", normalize="mean")
+    for i in range(2):
+        ewc.consolidate(net, loss_fn, task_data(47 + i), f"t{i}")
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05)
+    expected = float(ewc.penalty(moved))
+    assert expected > 0
+    ewc.save(tmp_path / "merged.safetensors")
+    again = EWC(5.0, fisher="kfac_merged")
+    again.load(tmp_path / "merged.safetensors")
+    assert float(again.penalty(moved)) == pytest.approx(expected, rel=1e-6)
+    state = EWC(5.0, fisher="kfac")
+    state.load(tmp_path / "merged.safetensors")
+    assert float(state.penalty(moved)) > 0
+    with pytest.raises(ConfigError):
+        EWC(5.0).load(tmp_path / "merged.safetensors")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError):
+            EWC(1.0, fisher="kfac_merged", kfac_block_max=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="kfac_merged", apply="prox")
+
+
+def test_kfac_merged_hook_keeps_old_task_outputs(net: Net) -> None:
+    """Through the hook protocol: with the merged penalty, task B changes A's logits much less."""
+    a, b = task_data(49, n=128), task_data(50, n=128)
+    xa = torch.cat([x for x, _ in a])
+
+    def change(lam: float) -> float:
+        model = copy.deepcopy(net)
+        loop = HookLoop(model, loss_fn, lr=0.1, hooks=[EWC(lam, fisher="kfac_merged")])
+        loop.fit(a, epochs=5, task_id="a")
+        before = model(xa).detach()
+        loop.fit(b, epochs=5, task_id="b")
+        return float((model(xa).detach() - before).square().mean())
+
+    assert change(30.0) < 0.5 * change(0.0)
