@@ -77,6 +77,7 @@ class Benchmark:
     ewc_kfac_refresh: int = 1  # fisher="kfac", apply="grad": exact penalty gradient every this many steps
     ewc_kfac_normalize: str = "none"  # FisherNorm used instead of ewc_normalize for the kfac kinds
     ewc_kfac_block_max: int = 128  # fisher="kfac_merged": largest per-unit block side (else diagonal)
+    ewc_kfac_rank: int = 0  # fisher="kfac_merged": rank of the shared Kronecker subspace part (0 = none)
     replay_ewc_lambda: float | None = None  # lambda of the ewc+replay combinations (None: ewc_lambda)
     replay_ewc_fisher: str | None = None  # Fisher of the ewc+replay combinations (None: ewc_fisher)
     notes: dict[str, str] = field(default_factory=dict)

@@ -153,6 +153,9 @@ class EWC(TrainerHook):
             stiff directions and its bursts swamp Adam's second moment), so only for small k or SGD.
         kfac_block_max: ``fisher="kfac_merged"`` only: the largest block side: a layer whose smaller
             side (``in + 1`` or ``out``) exceeds it gets the diagonal (memory ``numel * side`` per layer).
+        kfac_rank: ``fisher="kfac_merged"`` only: > 0 adds to every layer's block / diagonal penalty the
+            tasks' Kronecker Fisher compressed onto the top ``kfac_rank`` eigenvectors of the summed A and
+            G factors (one dense ``(r_G r_A)^2`` term per layer; ~``4 * out * in * r`` flops per step).
         normalize: ``"max"`` / ``"mean"``: each task's Fisher is divided by its largest / mean entry
             (diagonal kinds) or, for ``kfac``, its ``G`` factors by the largest eigenvalue / mean diagonal
             entry of its Kronecker-factored Fisher, so every task weighs the same in the penalty.
@@ -179,6 +182,7 @@ class EWC(TrainerHook):
         kfac_tol: float = 1e-3,
         kfac_refresh: int = 1,
         kfac_block_max: int = 128,
+        kfac_rank: int = 0,
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
@@ -189,6 +193,8 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC fisher={fisher!r} supports apply='grad' or 'loss', no temperature")
         if isinstance(kfac_block_max, bool) or not isinstance(kfac_block_max, int) or kfac_block_max < 0:
             raise ConfigError(f"EWC kfac_block_max must be an integer >= 0, not {kfac_block_max!r}")
+        if isinstance(kfac_rank, bool) or not isinstance(kfac_rank, int) or kfac_rank < 0:
+            raise ConfigError(f"EWC kfac_rank must be an integer >= 0, not {kfac_rank!r}")
         if isinstance(kfac_refresh, bool) or not isinstance(kfac_refresh, int) or kfac_refresh < 1:
             raise ConfigError(f"EWC kfac_refresh must be an integer >= 1, not {kfac_refresh!r}")
         if not 0.0 <= kfac_tol < 1.0:
@@ -208,6 +214,9 @@ class EWC(TrainerHook):
         # kfac_merged, per layer: (structure, M, V, k): the merged penalty sum(X * M X) - 2 sum(V * X) + k
         # with X = [W | b] ("rows", "diag") or its transpose ("cols"); M (n, m, m) blocks or (n, m) diagonal
         self._merged: dict[str, tuple[str, torch.Tensor, torch.Tensor, float]] = {}
+        # kfac_rank > 0, per layer: (U_G, U_A, H, hv, c): + z^T H z - 2 hv^T z + c with z = U_G^T [W | b] U_A
+        self._merged_sub: dict[str, tuple[Any, ...]] = {}
+        self.kfac_rank = kfac_rank
         # KFAC, per layer: (every task's stacked U_A, per task (U_G, s_G s_A^T, U_G^T [W* | b*] U_A, cols)).
         self._kfac: dict[str, tuple[torch.Tensor, list[tuple[Any, ...]]]] = {}
         # apply="grad" with kfac_refresh > 1: (model id, {layer: (weight grad, bias grad)}) of the last
@@ -400,7 +409,7 @@ class EWC(TrainerHook):
     def _rebuild(self) -> None:
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
-        self._kfac, self._merged, self._kfac_cache = {}, {}, None
+        self._kfac, self._merged, self._merged_sub, self._kfac_cache = {}, {}, {}, None
         if self.fisher_kind == "kfac":
             self._kfac_rebuild()
             return
@@ -611,6 +620,56 @@ class EWC(TrainerHook):
                 else:
                     sums[layer] = [kind, m, v, k]
         self._merged = {layer: (kind, m.float(), v.float(), k) for layer, (kind, m, v, k) in sums.items()}
+        if self.kfac_rank > 0:
+            self._merged_sub_rebuild()
+
+    def _merged_sub_rebuild(self) -> None:
+        """``kfac_rank = r > 0``: add, per layer, every task's Kronecker Fisher compressed onto one shared
+        subspace: ``U_A`` / ``U_G`` = the top-r eigenvectors of ``sum_t A_t`` / ``sum_t G_t``; in it each
+        task is the exact ``(U_G^T G_t U_G) (x) (U_A^T A_t U_A)`` and the sum over tasks is one dense
+        ``(r_G r_A)^2`` matrix ``H`` (the correlated directions the block / diagonal structure drops:
+        e.g. the mean direction of non-negative ReLU inputs). Recomputed from the stored factors at every
+        consolidation (the subspace follows the tasks)."""
+        per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for t, fs in self.fishers.items():
+            for key in fs:
+                if key.endswith("#A"):
+                    layer = key[:-2]
+                    w = self.anchors[t][f"{layer}.weight"].detach().cpu().double()
+                    b = self.anchors[t].get(f"{layer}.bias")
+                    x = torch.cat([w, b.detach().cpu().double()[:, None]], dim=1) if b is not None else w
+                    per_layer.setdefault(layer, []).append((fs[key].double(), fs[f"{layer}#G"].double(), x))
+        for layer, terms in per_layer.items():
+            bases = []
+            for i in (0, 1):  # A, then G
+                total = sum(term[i] for term in terms)
+                _, u = torch.linalg.eigh(0.5 * (total + total.T))
+                bases.append(u[:, -min(self.kfac_rank, u.shape[1]):])  # top eigenvectors
+            u_a, u_g = bases
+            n = u_a.shape[1] * u_g.shape[1]
+            h, hv, c = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0.0
+            for a, g, x in terms:
+                ga, aa = u_g.T @ g @ u_g, u_a.T @ a @ u_a
+                z = u_g.T @ x @ u_a  # (r_G, r_A)
+                fz = ga @ z @ aa  # = kron(ga, aa) vec(z), row-major
+                h += torch.kron(ga, aa)
+                hv += fz.reshape(-1)
+                c += float((z * fz).sum())
+            h = 0.5 * (h + h.T)
+            self._merged_sub[layer] = (u_g.float(), u_a.float(), h.float(), hv.float(), c)
+
+    def _merged_sub_terms(self, named: dict[str, nn.Parameter], layer: str) -> tuple[Any, ...]:
+        """(U_G, U_A, H, hv, c, z) of the subspace part of ``layer``, ``z = vec(U_G^T [W | b] U_A)`` at
+        the current weights (without concatenating ``[W | b]``)."""
+        u_g, u_a, h, hv, c = self._merged_sub[layer]
+        w, b = named[f"{layer}.weight"], named.get(f"{layer}.bias")
+        if u_g.device != w.device:
+            self._merged_sub[layer] = u_g, u_a, h, hv, c = (u_g.to(w.device), u_a.to(w.device), h.to(w.device),
+                                                            hv.to(w.device), c)
+        z = (u_g.T @ w) @ u_a[: w.shape[1]]
+        if b is not None:
+            z = z + torch.outer(u_g.T @ b, u_a[-1])
+        return u_g, u_a, h, hv, c, z.reshape(-1)
 
     def _merged_to(self, layer: str, device: torch.device) -> tuple[str, torch.Tensor, torch.Tensor, float]:
         kind, m, v, k = self._merged[layer]
@@ -642,9 +701,16 @@ class EWC(TrainerHook):
                 x = self._kfac_weight(named, layer)
                 grad = (self._merged_apply(kind, m, x.T) - v).T if kind == "cols" else \
                     self._merged_apply(kind, m, x).sub_(v)
-            for p, cols in parts:
+            for p, _ in parts:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            if layer in self._merged_sub:  # U_G (H z - hv) U_A^T, added by two small-rank products
+                u_g, u_a, h, hv, _, z = self._merged_sub_terms(named, layer)
+                left = u_g @ torch.addmv(hv, h, z, beta=-1.0).view(u_g.shape[1], u_a.shape[1])  # (out, r_A)
+                w.grad.addmm_(left, u_a[: w.shape[1]].T, alpha=self.lam)
+                if len(parts) > 1:
+                    b.grad.add_(left @ u_a[-1], alpha=self.lam)  # type: ignore[union-attr]
+            for p, cols in parts:
                 if kind == "diag":
                     g2, m2, v2 = p.grad.view(-1, 1) if p.dim() == 1 else p.grad, m[:, cols], v[:, cols]
                     g2.addcmul_(m2, p.detach().view_as(g2), value=self.lam).add_(v2, alpha=-self.lam)
@@ -675,6 +741,9 @@ class EWC(TrainerHook):
             kind, m, v, k = self._merged_to(layer, wb.device)
             x = wb.T if kind == "cols" else wb
             total = total + (x * (self._merged_apply(kind, m, x) - 2.0 * v)).sum() + k
+            if layer in self._merged_sub:
+                _, _, h, hv, c, z = self._merged_sub_terms(named, layer)
+                total = total + z @ (h @ z - 2.0 * hv) + c
         for layer in self._kfac:
             wb = self._kfac_weight(named, layer)
             u_a_all, terms = self._kfac_to(layer, wb.device)
@@ -725,6 +794,9 @@ class EWC(TrainerHook):
                 grad = (self._merged_apply(kind, m, wb.T) - v).T
             else:
                 grad = self._merged_apply(kind, m, wb).sub_(v)
+            if layer in self._merged_sub:
+                u_g, u_a, h, hv, _, z = self._merged_sub_terms(named, layer)
+                grad = grad + u_g @ (h @ z - hv).view(u_g.shape[1], u_a.shape[1]) @ u_a.T
             out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
         for layer in self._kfac:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")

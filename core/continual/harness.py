@@ -137,7 +137,8 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
             out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
         elif fisher == "kfac_merged":
-            out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_refresh=bench.ewc_kfac_refresh,
+            out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_rank=bench.ewc_kfac_rank,
+                       ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
         elif bench.ewc_normalize != "none":
             out["ewc_normalize"] = bench.ewc_normalize
@@ -166,14 +167,14 @@ def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
                     temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
                     kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
-                    kfac_block_max=bench.ewc_kfac_block_max)]
+                    kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)]
     if method == "online-ewc":
         return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
                     apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
                     fisher_samples=bench.fisher_samples, output_fn=output_fn,
                     temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
                     kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
-                    kfac_block_max=bench.ewc_kfac_block_max)]
+                    kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
     return []
@@ -264,7 +265,7 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     steps = -(-steps // refresh) * refresh
     ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,  # type: ignore[arg-type]
               fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
-              kfac_block_max=bench.ewc_kfac_block_max, normalize=_normalize(bench),  # type: ignore[arg-type]
+              kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank, normalize=_normalize(bench),  # type: ignore[arg-type]
               consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
     for task in bench.tasks:
         ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
@@ -273,7 +274,7 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     for apply in applies:
         h = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply=apply,  # type: ignore[arg-type]
                 fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
-                kfac_refresh=refresh, kfac_block_max=bench.ewc_kfac_block_max,
+                kfac_refresh=refresh, kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank,
                 normalize=_normalize(bench), consolidate_at_task_end=False)  # type: ignore[arg-type]
         h.load_state_dict(ewc.state_dict())
         hooks[apply] = [h]

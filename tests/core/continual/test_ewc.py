@@ -534,18 +534,28 @@ def _slow_merged_penalty(ewc: EWC, model: Net) -> torch.Tensor:
             x_t = torch.cat([anchor[f"{layer}.weight"], anchor[f"{layer}.bias"][:, None]], dim=1).double()
             a, g = fs[f"{layer}#A"].double(), fs[f"{layer}#G"].double()
             kind = ewc._merged_structure(a.shape[0], g.shape[0])
+            f = _merged_fisher(a, g, kind)
+            if layer in ewc._merged_sub:  # + the Kronecker Fisher projected on the shared subspace
+                u_g, u_a = (u.double() for u in ewc._merged_sub[layer][:2])
+                p_g, p_a = u_g @ u_g.T, u_a @ u_a.T
+                f = f + torch.kron(p_g @ g @ p_g, p_a @ a @ p_a)
             d = (x - x_t).reshape(-1)
-            total = total + d @ _merged_fisher(a, g, kind) @ d
+            total = total + d @ f @ d
     return 0.5 * ewc.lam * total
 
 
-@pytest.mark.parametrize(("block_max", "kinds"), [(128, ("rows", "cols")), (4, ("diag", "cols")),
-                                                  (0, ("diag", "diag"))])
+@pytest.mark.parametrize(("block_max", "kinds", "rank"), [(128, ("rows", "cols"), 0), (4, ("diag", "cols"), 0),
+                                                          (0, ("diag", "diag"), 0), (4, ("diag", "cols"), 3)])
 @pytest.mark.parametrize("mode", ["separate", "online"])
-def test_kfac_merged_equals_the_sum_of_per_task_penalties(net: Net, block_max: int, kinds: tuple, mode: str) -> None:
+def test_kfac_merged_equals_the_sum_of_per_task_penalties(net: Net, block_max: int, kinds: tuple, rank: int,
+                                                         mode: str) -> None:
     """Three tasks merged into one term per layer: penalty and its gradient (loss and grad paths) equal
-    the per-task sum computed the slow way; every structure (rows / cols / diag) is exercised."""
-    ewc = EWC(7.0, fisher="kfac_merged", kfac_block_max=block_max, mode=mode, decay=0.6)  # type: ignore[arg-type]
+    the per-task sum computed the slow way; every structure (rows / cols / diag, + the shared Kronecker
+    subspace of kfac_rank) is exercised."""
+    ewc = EWC(7.0, fisher="kfac_merged", kfac_block_max=block_max, mode=mode, decay=0.6,  # type: ignore[arg-type]
+              kfac_rank=rank)
+    if rank:
+        assert not ewc._merged_sub
     assert float(ewc.penalty(net)) == 0.0  # zero before the first consolidation
     model = copy.deepcopy(net)
     for i in range(3):
@@ -554,6 +564,7 @@ def test_kfac_merged_equals_the_sum_of_per_task_penalties(net: Net, block_max: i
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
     assert tuple(ewc._merged[n][0] for n, _ in LAYERS) == kinds
+    assert set(ewc._merged_sub) == ({"body.0", "head"} if rank else set())
     assert len(ewc.fishers) == 3 and all(len(terms) == 4 for terms in ewc._merged.values())  # one term
     slow = _slow_merged_penalty(ewc, model)
     fast = ewc.penalty(model)
@@ -611,6 +622,8 @@ def test_kfac_merged_resume_and_reads_kfac_state(net: Net, tmp_path) -> None:  #
     for bad in (-1, 2.5, True):
         with pytest.raises(ConfigError):
             EWC(1.0, fisher="kfac_merged", kfac_block_max=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError):
+            EWC(1.0, fisher="kfac_merged", kfac_rank=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         EWC(1.0, fisher="kfac_merged", apply="prox")
 
