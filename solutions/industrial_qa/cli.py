@@ -162,6 +162,33 @@ def evaluate(
 
 
 @app.command()
+def validate(
+    data: Annotated[Path, typer.Option("--data", help="MVTec-layout folder (uses train/good only) or a folder of good images.")],
+    n_val: Annotated[int, typer.Option("--n-val", help="Seeded normals held out of fitting for validation.")] = 80,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON report on stdout.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Self-supervised training steps.")] = None,
+    size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
+    coreset: Annotated[int | None, typer.Option(help="Memory-bank size.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="Anomaly map: knn, seg or sum.")] = None,
+) -> None:
+    """Choose settings without test images: fit on train/good minus N held-out normals, score those
+    clean and with synthetic defects of a generator the training never sees; print the metrics."""
+    _threads()
+    from solutions.industrial_qa.evaluation import tqdm_progress
+    from solutions.industrial_qa.validation import validate as run_validation
+
+    cb, close = tqdm_progress("validate")
+    try:
+        report = run_validation(data, _config(steps, size, coreset, None, fusion), n_val=n_val, on_progress=cb)
+    finally:
+        close()
+    if not as_json:
+        for k, v in report.items():
+            typer.echo(f"{k:32s} {v}", err=True)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+@app.command()
 def watch(
     folder: Annotated[Path, typer.Argument(help="Camera drop folder to watch for new images.")],
     line: Annotated[str, typer.Option("--line")],

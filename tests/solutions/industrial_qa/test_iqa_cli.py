@@ -48,3 +48,18 @@ def test_user_errors_are_one_line(_cli, args: list[str], needle: str, tmp_path: 
     r = _cli(*args, home=tmp_path / "h")
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validate_holds_normals_out_and_never_reads_test(_cli, tiny_mvtec: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    import shutil
+
+    shutil.rmtree(tiny_mvtec / "test")             # validation must not need (or read) the test split
+    r = _cli("validate", "--data", str(tiny_mvtec), "--n-val", "6", "--json", *TINY, home=tmp_path / "h")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["n_fit"] == 24 - 6 and report["n_val_normals"] == 6 and report["n_val_defects"] >= 12
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert set(report["image_auroc_by_kind"]) <= {"hole", "crack", "finish", "edge", "stain"}
+    r = _cli("validate", "--data", str(tiny_mvtec), "--n-val", "20", *TINY, home=tmp_path / "h")
+    assert r.returncode == 2 and "too few" in r.stderr

@@ -347,3 +347,24 @@ def test_keep_freed_heap_stops_page_faults_of_repeated_large_buffers() -> None:
 
     faults()
     assert faults() < 10 * 1024                 # default glibc: ~16,000 fresh pages per allocation
+
+
+def test_validation_defects_edit_only_their_mask_region_and_cover_every_kind(iqa_src: Path) -> None:
+    """The validation generator (not the pretext one) changes pixels only in and just around its
+    mask (soft edges), visibly inside it, and draws all five kinds; the same seed gives the same set."""
+    from scipy import ndimage
+
+    from solutions.industrial_qa.validation import KINDS, validation_set
+
+    normals = np.stack([to_tensor_array(read_image(p), 64) for p in sorted((iqa_src / "train" / "good").iterdir())[:8]])
+    x, masks, kinds = validation_set(normals, per_image=4, seed=3)
+    assert set(kinds) == set(KINDS) and len(x) == len(masks) == len(kinds) >= 24
+    grey = normals.mean(1)                                               # (8, S, S)
+    for i in range(len(x)):
+        src = grey[np.argmin([np.median(np.abs(x[i][0] - g)) for g in grey])]   # the part it was drawn on
+        near = ndimage.binary_dilation(masks[i], iterations=12)
+        diff = np.abs(x[i] - src[None]).max(0)
+        assert diff[~near].max() < 2e-3, kinds[i]                  # untouched away from the defect
+        assert diff[masks[i] > 0].mean() > 0.005, kinds[i]          # visible inside it
+    again = validation_set(normals, per_image=4, seed=3)
+    assert np.array_equal(again[1], masks) and np.allclose(again[0], x)
