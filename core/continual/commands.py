@@ -39,6 +39,8 @@ def continual_eval(
                                              "(trained on the rest), never on the eval sets: for tuning.")] = False,
     ewc_kfac_refresh: Annotated[int | None, typer.Option(min=1, help="KFAC EWC: recompute the penalty gradient "
                                                          "every N steps (1 = every step).")] = None,
+    ewc_kfac_rank: Annotated[int | None, typer.Option(min=0, help="kfac_merged EWC: rank of the shared Kronecker "
+                                                      "subspace part per layer (0 = blocks / diagonal only).")] = None,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
                                                    "empirical_per_sample | true | kfac | kfac_merged (also for the +replay combinations).")] = None,
 ) -> None:
@@ -74,6 +76,8 @@ def continual_eval(
         bench.replay_ewc_fisher = None  # the combinations too
     if ewc_kfac_refresh is not None:
         bench.ewc_kfac_refresh = ewc_kfac_refresh
+    if ewc_kfac_rank is not None:
+        bench.ewc_kfac_rank = ewc_kfac_rank
     if epochs is not None:
         bench.epochs = epochs
     if ewc_lambda is not None:  # overrides the combinations' lambda too
