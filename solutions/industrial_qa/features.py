@@ -40,6 +40,10 @@ class FeatureConfig:
     # input normalisation: "dataset" = the fit images' channel mean/std; "image" = each image's own
     # mean/std (parts vary in brightness and contrast from part to part: normal variation)
     input_norm: str = "image"
+    # pretext target per head cell: "mean" = the fraction of its pixels that are synthetic defect,
+    # "max" = 1 when any is (a thin scratch then counts as fully defective, not as ~0.2), "mix" =
+    # their average (chosen on `validate` over two seeds: AUPRO 0.86 vs 0.77, image AUROC equal)
+    seg_target: str = "mix"
     # a user-supplied ImageNet ResNet checkpoint (backbone.py) replaces the self-supervised net:
     # path as given, and the architecture detected from it (set by AnomalyDetector.fit)
     backbone: str = ""
@@ -55,6 +59,7 @@ class FeatureConfig:
         d = dict(d)
         d["widths"] = tuple(d.get("widths", cls.widths))
         d.setdefault("input_norm", "dataset")  # models saved before the option existed
+        d.setdefault("seg_target", "mean")  # models trained before the option: fraction targets
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -231,6 +236,19 @@ def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2
     return focal * 10 + dice
 
 
+def _seg_target(m: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tensor:
+    """Pixel masks ``(B, 1, S, S)`` -> per-cell targets ``(B, 1, *size)`` (see ``FeatureConfig.seg_target``)."""
+    mean = F.adaptive_avg_pool2d(m, size)
+    if mode == "mean":
+        return mean
+    peak = F.adaptive_max_pool2d(m, size)
+    if mode == "max":
+        return peak
+    if mode == "mix":
+        return 0.5 * (mean + peak)
+    raise ValueError(f"seg_target must be mean, max or mix, got {mode!r}")
+
+
 def train_feature_net(images: np.ndarray, cfg: FeatureConfig,
                       on_step: Callable[[int, float], None] | None = None) -> FeatureNet:
     """Self-supervised training on normal images ``(N, 3, S, S)`` float32 in [0, 1]."""
@@ -252,7 +270,7 @@ def train_feature_net(images: np.ndarray, cfg: FeatureConfig,
         batch = _augment(_random_crops(images[idx], cfg.train_crop, rng), rng)
         x, m = synthesize_defects(batch, rng)
         _, logits = net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
-        target = F.adaptive_avg_pool2d(torch.from_numpy(m)[:, None], logits.shape[-2:])
+        target = _seg_target(torch.from_numpy(m)[:, None], logits.shape[-2:], cfg.seg_target)
         loss = focal_dice_loss(logits, target.clamp(0, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -368,3 +368,22 @@ def test_validation_defects_edit_only_their_mask_region_and_cover_every_kind(iqa
         assert diff[masks[i] > 0].mean() > 0.005, kinds[i]          # visible inside it
     again = validation_set(normals, per_image=4, seed=3)
     assert np.array_equal(again[1], masks) and np.allclose(again[0], x)
+
+
+def test_pretext_targets_count_a_thin_scratch_as_defective_in_mix_and_max_modes() -> None:
+    """A 1-px line through an 8x8 cell is 1/8 defective by area: ``mean`` gives 0.125, ``max`` 1,
+    ``mix`` (default) their average; an empty cell stays 0 and a full one 1 in every mode; models
+    saved before the option load with ``mean`` (what they were trained with)."""
+    from solutions.industrial_qa.features import FeatureConfig, _seg_target
+
+    m = torch.zeros(1, 1, 16, 16)
+    m[..., 0:8, 3] = 1.0                      # thin vertical line in cell (0, 0)
+    m[..., 8:16, 8:16] = 1.0                  # fully defective cell (1, 1)
+    want = {"mean": 0.125, "max": 1.0, "mix": 0.5625}
+    for mode, v in want.items():
+        t = _seg_target(m, (2, 2), mode)[0, 0]
+        assert torch.allclose(t, torch.tensor([[v, 0.0], [0.0, 1.0]])), mode
+    with pytest.raises(ValueError, match="seg_target"):
+        _seg_target(m, (2, 2), "median")
+    assert FeatureConfig().seg_target == "mix"
+    assert FeatureConfig.from_dict({"image_size": 64}).seg_target == "mean"
