@@ -580,6 +580,12 @@ class EWC(TrainerHook):
             self._kfac[layer] = (u_a_all, [(u_g, scale, center, cuts[k], cuts[k + 1])
                                            for k, (u_g, scale, _, center) in enumerate(terms)])
 
+    def _anchor_wb(self, task: str, layer: str) -> torch.Tensor:
+        """Task ``task``'s anchor ``[W* | b*]`` of ``layer`` on the CPU in float64."""
+        w = self.anchors[task][f"{layer}.weight"].detach().cpu().double()
+        b = self.anchors[task].get(f"{layer}.bias")
+        return torch.cat([w, b.detach().cpu().double()[:, None]], dim=1) if b is not None else w
+
     def _merged_structure(self, n_in: int, n_out: int) -> str:
         """``rows`` / ``cols`` / ``diag`` for a ``[W | b]`` of ``n_out x n_in`` (see the module docstring)."""
         if n_in <= n_out and n_in <= self.kfac_block_max:
@@ -599,9 +605,7 @@ class EWC(TrainerHook):
                     continue
                 layer = key[:-2]
                 a, g = fs[key].double(), fs[f"{layer}#G"].double()
-                w = self.anchors[t][f"{layer}.weight"].detach().cpu().double()
-                b = self.anchors[t].get(f"{layer}.bias")
-                x = torch.cat([w, b.detach().cpu().double()[:, None]], dim=1) if b is not None else w
+                x = self._anchor_wb(t, layer)
                 kind = self._merged_structure(a.shape[0], g.shape[0])
                 if kind == "diag":
                     m = torch.outer(g.diagonal(), a.diagonal())  # (out, in')
@@ -635,10 +639,8 @@ class EWC(TrainerHook):
             for key in fs:
                 if key.endswith("#A"):
                     layer = key[:-2]
-                    w = self.anchors[t][f"{layer}.weight"].detach().cpu().double()
-                    b = self.anchors[t].get(f"{layer}.bias")
-                    x = torch.cat([w, b.detach().cpu().double()[:, None]], dim=1) if b is not None else w
-                    per_layer.setdefault(layer, []).append((fs[key].double(), fs[f"{layer}#G"].double(), x))
+                    per_layer.setdefault(layer, []).append(
+                        (fs[key].double(), fs[f"{layer}#G"].double(), self._anchor_wb(t, layer)))
         for layer, terms in per_layer.items():
             bases = []
             for i in (0, 1):  # A, then G
@@ -686,9 +688,13 @@ class EWC(TrainerHook):
             return m * x
         return torch.bmm(x.unsqueeze(1), m).squeeze(1)
 
-    def _merged_add_grad(self, named: dict[str, nn.Parameter]) -> None:
-        """``.grad += lambda * (M X - V)`` per merged layer, in place (the diagonal without copying
-        ``[W | b]``): one batched mat-vec or a few element-wise passes, whatever the number of tasks."""
+    def _merged_add_grad(self, named: dict[str, nn.Parameter], into: dict[str, torch.Tensor] | None = None,
+                         alpha: float | None = None) -> None:
+        """``out += alpha * (M X - V)`` per merged layer, in place (the diagonal without copying
+        ``[W | b]``): one batched mat-vec or a few element-wise passes, whatever the number of tasks.
+        ``out`` is each covered parameter's ``.grad`` (``alpha = lambda``) or, when ``into`` is given,
+        ``into[name]`` (a zero-filled buffer per parameter name, created here when missing)."""
+        alpha = self.lam if alpha is None else alpha
         for layer in self._merged:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
@@ -701,21 +707,26 @@ class EWC(TrainerHook):
                 x = self._kfac_weight(named, layer)
                 grad = (self._merged_apply(kind, m, x.T) - v).T if kind == "cols" else \
                     self._merged_apply(kind, m, x).sub_(v)
+            outs = []
             for p, _ in parts:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+                if into is not None:
+                    outs.append(into.setdefault(f"{layer}.{'weight' if p is w else 'bias'}", torch.zeros_like(p)))
+                else:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    outs.append(p.grad)
             if layer in self._merged_sub:  # U_G (H z - hv) U_A^T, added by two small-rank products
                 u_g, u_a, h, hv, _, z = self._merged_sub_terms(named, layer)
                 left = u_g @ torch.addmv(hv, h, z, beta=-1.0).view(u_g.shape[1], u_a.shape[1])  # (out, r_A)
-                w.grad.addmm_(left, u_a[: w.shape[1]].T, alpha=self.lam)
+                outs[0].addmm_(left, u_a[: w.shape[1]].T, alpha=alpha)
                 if len(parts) > 1:
-                    b.grad.add_(left @ u_a[-1], alpha=self.lam)  # type: ignore[union-attr]
-            for p, cols in parts:
+                    outs[1].add_(left @ u_a[-1], alpha=alpha)
+            for (p, cols), out in zip(parts, outs, strict=True):
                 if kind == "diag":
-                    g2, m2, v2 = p.grad.view(-1, 1) if p.dim() == 1 else p.grad, m[:, cols], v[:, cols]
-                    g2.addcmul_(m2, p.detach().view_as(g2), value=self.lam).add_(v2, alpha=-self.lam)
+                    g2, m2, v2 = out.view(-1, 1) if p.dim() == 1 else out, m[:, cols], v[:, cols]
+                    g2.addcmul_(m2, p.detach().view_as(g2), value=alpha).add_(v2, alpha=-alpha)
                 else:
-                    p.grad.add_(grad[:, cols].reshape(p.shape), alpha=self.lam)
+                    out.add_(grad[:, cols].reshape(p.shape), alpha=alpha)
 
     @staticmethod
     def _kfac_weight(named: dict[str, nn.Parameter], layer: str) -> torch.Tensor:
@@ -784,20 +795,12 @@ class EWC(TrainerHook):
     def _kfac_grads(self, named: dict[str, nn.Parameter]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """``sum_t G_t (W - W*_t) A_t`` split into (weight, bias) parts, per covered trainable layer."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for layer in self._merged:
-            w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
-            if w is None or not w.requires_grad:
-                continue
-            wb = self._kfac_weight(named, layer)
-            kind, m, v, _ = self._merged_to(layer, wb.device)
-            if kind == "cols":
-                grad = (self._merged_apply(kind, m, wb.T) - v).T
-            else:
-                grad = self._merged_apply(kind, m, wb).sub_(v)
-            if layer in self._merged_sub:
-                u_g, u_a, h, hv, _, z = self._merged_sub_terms(named, layer)
-                grad = grad + u_g @ (h @ z - hv).view(u_g.shape[1], u_a.shape[1]) @ u_a.T
-            out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
+        if self._merged:
+            merged: dict[str, torch.Tensor] = {}
+            self._merged_add_grad(named, into=merged, alpha=1.0)
+            for layer in self._merged:
+                if f"{layer}.weight" in merged:
+                    out[layer] = (merged[f"{layer}.weight"], merged.get(f"{layer}.bias"))
         for layer in self._kfac:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
