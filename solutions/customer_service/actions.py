@@ -107,13 +107,8 @@ def train_scorer(x: np.ndarray, labels: Sequence[str], action_vecs: dict[str, np
 
 def scorer_predict(model: ActionScorer, x: np.ndarray, candidates: Sequence[str],
                    action_vecs: dict[str, np.ndarray]) -> list[str]:
-    acts = torch.from_numpy(np.stack([action_vecs[c] for c in candidates])).float()
-    out: list[str] = []
-    with torch.inference_mode():
-        for i in range(0, len(x), 512):
-            lg = model(torch.from_numpy(x[i:i + 512]).float(), acts)
-            out += [candidates[j] for j in lg.argmax(-1).tolist()]
-    return out
+    """The template scorer's top action per context."""
+    return [candidates[j] for j in scorer_probs(model, x, candidates, action_vecs).argmax(1)]
 
 
 def scorer_probs(model: ActionScorer, x: np.ndarray, candidates: Sequence[str],
