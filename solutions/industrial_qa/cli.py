@@ -155,6 +155,11 @@ def evaluate(
                           max(8, speed_images), few_shot_threshold)
     finally:
         close()
+    _print_report(report, as_json)
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    """The report as one JSON line on stdout, and readable on stderr unless ``--json``."""
     if not as_json:
         for k, v in report.items():
             typer.echo(f"{k:32s} {v}", err=True)
@@ -182,10 +187,7 @@ def validate(
         report = run_validation(data, _config(steps, size, coreset, None, fusion), n_val=n_val, on_progress=cb)
     finally:
         close()
-    if not as_json:
-        for k, v in report.items():
-            typer.echo(f"{k:32s} {v}", err=True)
-    sys.stdout.write(json.dumps(report) + "\n")
+    _print_report(report, as_json)
 
 
 @app.command()
