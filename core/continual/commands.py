@@ -41,6 +41,9 @@ def continual_eval(
                                                          "every N steps (1 = every step).")] = None,
     ewc_kfac_rank: Annotated[int | None, typer.Option(min=0, help="kfac_merged EWC: rank of the shared Kronecker "
                                                       "subspace part per layer (0 = blocks / diagonal only).")] = None,
+    ewc_kfac_tol: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="KFAC EWC: keep each factor's "
+                                                       "eigenvalues >= this times its largest (smaller rank = "
+                                                       "cheaper step).")] = None,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
                                                    "empirical_per_sample | true | kfac | kfac_merged (also for the +replay combinations).")] = None,
 ) -> None:
@@ -78,6 +81,8 @@ def continual_eval(
         bench.ewc_kfac_refresh = ewc_kfac_refresh
     if ewc_kfac_rank is not None:
         bench.ewc_kfac_rank = ewc_kfac_rank
+    if ewc_kfac_tol is not None:
+        bench.ewc_kfac_tol = ewc_kfac_tol
     if epochs is not None:
         bench.epochs = epochs
     if ewc_lambda is not None:  # overrides the combinations' lambda too
