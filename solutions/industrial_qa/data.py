@@ -73,6 +73,15 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
+def normal_paths(data_dir: str | Path) -> list[Path]:
+    """The normal training images of ``data_dir``: ``train/good`` of an MVTec-layout folder, else the
+    images directly inside it (a plain folder of good parts)."""
+    data_dir = Path(data_dir).expanduser()
+    if (data_dir / "train" / "good").is_dir():
+        return [s.path for s in load_mvtec(data_dir, require_test=False).train]
+    return list_images(data_dir)
+
+
 def load_mvtec(root: str | Path, require_test: bool = True) -> MVTecDataset:
     """Index an MVTec-layout folder. Raises DataError naming what is missing."""
     root = Path(root).expanduser()

@@ -19,7 +19,7 @@ import torch
 
 from core.errors import DataError
 from solutions.industrial_qa import metrics, store
-from solutions.industrial_qa.data import load_batch, load_mask, load_mvtec
+from solutions.industrial_qa.data import load_batch, load_mask, load_mvtec, normal_paths
 from solutions.industrial_qa.detector import AnomalyDetector, DetectorConfig
 
 Progress = Callable[[str, float], None]
@@ -56,14 +56,7 @@ def train_line(data_dir: Path, line: str, config: DetectorConfig | None = None,
     """Fit on ``data_dir/train/good`` (or a plain folder of normal images) and store a new version."""
     data_dir = Path(data_dir).expanduser()
     store.check_line(line)
-    good = data_dir / "train" / "good"
-    if good.is_dir():
-        paths = [s.path for s in load_mvtec(data_dir, require_test=False).train]
-    else:
-        from solutions.industrial_qa.data import list_images
-
-        paths = list_images(data_dir)
-    det = AnomalyDetector(config).fit(paths, on_progress)
+    det = AnomalyDetector(config).fit(normal_paths(data_dir), on_progress)
     det.info["data"] = str(data_dir.resolve())
     version, folder = store.new_version_dir(line)
     det.save(folder)

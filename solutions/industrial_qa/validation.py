@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from core.errors import DataError
 from solutions.industrial_qa import metrics
-from solutions.industrial_qa.data import list_images, load_batch, load_mvtec
+from solutions.industrial_qa.data import load_batch, normal_paths
 from solutions.industrial_qa.detector import AnomalyDetector, DetectorConfig
 
 KINDS: tuple[str, ...] = ("hole", "crack", "finish", "edge", "stain")
@@ -130,8 +130,7 @@ def validate(data_dir: Path, config: DetectorConfig | None = None, n_val: int = 
     """Fit on ``DIR/train/good`` minus ``n_val`` seeded held-out normals and score those normals clean
     and with synthetic defects (module docstring). ``DIR/test`` is never read."""
     data_dir = Path(data_dir).expanduser()
-    good = data_dir / "train" / "good"
-    paths = [s.path for s in load_mvtec(data_dir, require_test=False).train] if good.is_dir() else list_images(data_dir)
+    paths = normal_paths(data_dir)
     config = config or DetectorConfig()
     if n_val < 2 or len(paths) - n_val < 2 * config.min_holdout:
         raise DataError(f"{len(paths)} normal images: too few to hold {n_val} out for validation and still fit "
