@@ -133,13 +133,11 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
             fisher = bench.replay_ewc_fisher or fisher
         out.update(ewc_lambda=lam, ewc_fisher=fisher, ewc_apply=bench.ewc_apply,
                    ewc_params=bench.ewc_params)
-        if fisher == "kfac":
+        if fisher in KFAC_KINDS:
             out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
-        elif fisher == "kfac_merged":
-            out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_rank=bench.ewc_kfac_rank,
-                       ewc_kfac_refresh=bench.ewc_kfac_refresh,
-                       ewc_normalize=bench.ewc_kfac_normalize)
+            if fisher == "kfac_merged":
+                out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_rank=bench.ewc_kfac_rank)
         elif bench.ewc_normalize != "none":
             out["ewc_normalize"] = bench.ewc_normalize
         if base == "online-ewc":
@@ -151,8 +149,17 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
     return out
 
 
-def _normalize(bench: Benchmark) -> str:
-    return bench.ewc_kfac_normalize if bench.ewc_fisher in KFAC_KINDS else bench.ewc_normalize
+def _ewc_hook(bench: Benchmark, mode: Literal["separate", "online"], **overrides: Any) -> EWC:
+    """An EWC hook with every EWC setting of ``bench`` (normalisation follows the Fisher kind), some
+    overridden (the timing runs: ``apply``, ``fisher_samples``, ...)."""
+    kw: dict[str, Any] = dict(
+        mode=mode, decay=bench.online_decay, fisher=bench.ewc_fisher, apply=bench.ewc_apply,
+        params=bench.ewc_params, fisher_samples=bench.fisher_samples, output_fn=output_fn,
+        temperature=bench.ewc_temperature,
+        normalize=bench.ewc_kfac_normalize if bench.ewc_fisher in KFAC_KINDS else bench.ewc_normalize,
+        kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
+        kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)
+    return EWC(bench.ewc_lambda, **{**kw, **overrides})
 
 
 def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
@@ -161,20 +168,8 @@ def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
         fisher = bench.replay_ewc_fisher or bench.ewc_fisher
         return (_hooks(dataclasses.replace(bench, ewc_lambda=lam, ewc_fisher=fisher), method.removesuffix("+replay"), seed)
                 + _hooks(bench, "replay", seed))
-    if method == "ewc":
-        return [EWC(bench.ewc_lambda, mode="separate", fisher=bench.ewc_fisher,  # type: ignore[arg-type]
-                    apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
-                    fisher_samples=bench.fisher_samples, output_fn=output_fn,
-                    temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
-                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
-                    kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)]
-    if method == "online-ewc":
-        return [EWC(bench.ewc_lambda, mode="online", decay=bench.online_decay, fisher=bench.ewc_fisher,  # type: ignore[arg-type]
-                    apply=bench.ewc_apply, params=bench.ewc_params,  # type: ignore[arg-type]
-                    fisher_samples=bench.fisher_samples, output_fn=output_fn,
-                    temperature=bench.ewc_temperature, normalize=_normalize(bench),  # type: ignore[arg-type]
-                    kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
-                    kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)]
+    if method in ("ewc", "online-ewc"):
+        return [_ewc_hook(bench, "online" if method == "online-ewc" else "separate")]
     if method == "replay":
         return [Replay(ReservoirBuffer(bench.replay_capacity, seed=seed), batch_size=bench.batch_size)]
     return []
@@ -263,19 +258,14 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     fisher = bench.ewc_fisher
     refresh = bench.ewc_kfac_refresh if fisher in KFAC_KINDS else 1
     steps = -(-steps // refresh) * refresh
-    ewc = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, fisher_samples=64,  # type: ignore[arg-type]
-              fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
-              kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank, normalize=_normalize(bench),  # type: ignore[arg-type]
-              consolidate_at_task_end=False)  # the timing fits below must not re-estimate the Fisher
+    # the timing fits below must not re-estimate the Fisher (consolidate_at_task_end=False)
+    ewc = _ewc_hook(bench, mode, fisher_samples=64, apply="grad", consolidate_at_task_end=False)
     for task in bench.tasks:
         ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
     applies = ("grad", "loss") if fisher in KFAC_KINDS else ("grad", "loss", "prox")
     hooks: dict[str, list[TrainerHook]] = {"plain": []}
     for apply in applies:
-        h = EWC(bench.ewc_lambda, mode=mode, params=bench.ewc_params, apply=apply,  # type: ignore[arg-type]
-                fisher=fisher, output_fn=output_fn, kfac_tol=bench.ewc_kfac_tol,  # type: ignore[arg-type]
-                kfac_refresh=refresh, kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank,
-                normalize=_normalize(bench), consolidate_at_task_end=False)  # type: ignore[arg-type]
+        h = _ewc_hook(bench, mode, apply=apply, kfac_refresh=refresh, consolidate_at_task_end=False)
         h.load_state_dict(ewc.state_dict())
         hooks[apply] = [h]
     timers = {k: _StepTimer() for k in hooks}
