@@ -61,6 +61,12 @@ class DetectorConfig:
     coarse_grid: int = 8
     coarse_bank: int = 4096
     coarse_weight: float = 1.0
+    # part-level (global) branch: (mean, std) of all the part's patch features, standardised, PCA
+    # global_dim, distance to the nearest fit part, z-scored on the held-out normals; added to the
+    # whole map x global_weight x the held-out scores' spread. Catches a part whose overall texture
+    # is off (large diffuse defects) where no single patch or region is. 0 = off
+    global_dim: int = 16
+    global_weight: float = 0.25
 
     @classmethod
     def tiny(cls) -> DetectorConfig:
@@ -103,7 +109,7 @@ class MapOutput:
     feats: torch.Tensor
     knn: torch.Tensor
     seg: torch.Tensor
-    coarse: torch.Tensor | None = None  # (B, h, w) standardised coarse-branch map, or None when off
+    coarse: torch.Tensor | None = None  # (B, h, w) context map (:meth:`AnomalyDetector.coarse_map`) or None
 
 
 @dataclass
@@ -209,6 +215,10 @@ class AnomalyDetector:
         self.coarse_mean: torch.Tensor | None = None    # (2D,) region descriptor mean
         self.coarse_proj: torch.Tensor | None = None    # (2D, p) standardise + PCA, folded into one matrix
         self.coarse_stats: torch.Tensor | None = None   # (2, g, g) per-region mean, std on held-out normals
+        self.part_memory: torch.Tensor | None = None    # (N, p) fit parts' descriptors (PCA space)
+        self.part_mean: torch.Tensor | None = None      # (2D,) part descriptor mean
+        self.part_proj: torch.Tensor | None = None      # (2D, p) standardise + PCA
+        self.part_stats: torch.Tensor | None = None     # (3,) held-out distance mean, std; score spread
         self.calibrator: Calibrator | None = None
         self.fewshot = None                             # solutions.industrial_qa.fewshot.FewShotHead
         self.info: dict = {}
@@ -242,7 +252,7 @@ class AnomalyDetector:
                                                                         (i + 1) / cfg.features.steps))
         self.net = self.net.eval().to(memory_format=torch.channels_last)
         report("memory bank", 0.0)
-        feats, regions = [], []
+        feats, regions, parts = [], [], []
         with torch.inference_mode():
             for i in range(0, len(images), cfg.batch_size):
                 xb = torch.from_numpy(images[i:i + cfg.batch_size]).contiguous(memory_format=torch.channels_last)
@@ -251,6 +261,8 @@ class AnomalyDetector:
                 if cfg.coarse_grid > 0:
                     r = self._regions(f)
                     regions.append(r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]))
+                if cfg.global_dim > 0:
+                    parts.append(self._regions(f, 1).flatten(1))
                 report("memory bank", min(1.0, (i + cfg.batch_size) / len(images)) * 0.5)
         allf = torch.cat(feats)
         g = torch.Generator().manual_seed(cfg.features.seed)
@@ -268,6 +280,10 @@ class AnomalyDetector:
         self.memory = allf[greedy_coreset(allf, cfg.coreset_size, cfg.features.seed)].contiguous()
         self.memory_sq = (self.memory ** 2).sum(1)
         self._fit_coarse_bank(torch.cat(regions) if regions else None)
+        self.part_mean = self.part_proj = self.part_memory = self.part_stats = None
+        if parts:   # every fit part is kept (one row per image)
+            self.part_mean, self.part_proj, self.part_memory = self._pca_bank(torch.cat(parts), cfg.global_dim,
+                                                                              len(images))
         report("calibration", 0.0)
         hold_x = load_batch(hold, size)
         hold_scores = self._fit_normalisation(hold_x)
@@ -278,10 +294,11 @@ class AnomalyDetector:
         report("done", 1.0)
         return self
 
-    def _regions(self, feats: torch.Tensor) -> torch.Tensor:
+    def _regions(self, feats: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """Region descriptors ``(B, 2D, g, g)``: mean and std of the patch features ``(B, D, h, w)``
-        over a ``g x g`` grid of regions (texture statistics at 1/g of the part)."""
-        g = self.config.coarse_grid
+        over a ``g x g`` grid of regions (texture statistics at 1/g of the part; ``grid`` defaults to
+        ``coarse_grid``, 1 = the whole part)."""
+        g = grid or self.config.coarse_grid
         f = feats.float().contiguous()
         mu = F.adaptive_avg_pool2d(f, g)
         sd = (F.adaptive_avg_pool2d(f * f, g) - mu * mu).clamp_min(0).sqrt()
@@ -293,15 +310,26 @@ class AnomalyDetector:
         self.coarse_memory = self.coarse_mean = self.coarse_proj = self.coarse_stats = None
         if regions is None or cfg.coarse_grid <= 0 or regions.shape[0] < 4:
             return
-        mu, sd = regions.mean(0), regions.std(0) + 1e-6
-        z = (regions - mu) / sd
-        p = min(cfg.bank_dim if cfg.bank_dim > 0 else z.shape[1], z.shape[1])
+        self.coarse_mean, self.coarse_proj, self.coarse_memory = self._pca_bank(regions, cfg.bank_dim, cfg.coarse_bank)
+
+    def _pca_bank(self, x: torch.Tensor, dim: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Descriptors ``x (N, d)`` -> (mean ``(d,)``, standardise + PCA to ``dim`` (0 = all) folded into one
+        ``(d, p)`` matrix, coreset of ``size`` rows of the projected descriptors ``(m, p)``)."""
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        z = (x - mu) / sd
+        p = min(dim if dim > 0 else z.shape[1], z.shape[1])
         cov = (z.T @ z) / max(z.shape[0] - 1, 1)
         _, vecs = torch.linalg.eigh(cov.double())
         proj = (vecs[:, -p:].flip(1).float() / sd[:, None]).contiguous()   # standardisation folded in
-        bank = (regions - mu) @ proj
-        self.coarse_mean, self.coarse_proj = mu, proj
-        self.coarse_memory = bank[greedy_coreset(bank, cfg.coarse_bank, cfg.features.seed)].contiguous()
+        bank = (x - mu) @ proj
+        return mu, proj, bank[greedy_coreset(bank, size, self.config.features.seed)].contiguous()
+
+    def _part_raw(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """Distance of each part's descriptor to the nearest fit part's ``(B,)`` (None when off)."""
+        mem, mean, proj = self.part_memory, self.part_mean, self.part_proj
+        if mem is None or mean is None or proj is None or feats.shape[1] != mean.shape[0] // 2:
+            return None
+        return torch.cdist((self._regions(feats, 1).flatten(1) - mean) @ proj, mem).min(1).values
 
     def _coarse_raw(self, feats: torch.Tensor) -> torch.Tensor | None:
         """kNN distance of each region to the normal regions ``(B, g, g)`` (None when the branch is off)."""
@@ -313,14 +341,27 @@ class AnomalyDetector:
         q = (r.permute(0, 2, 3, 1).reshape(-1, d) - mean) @ proj
         return torch.cdist(q, mem).min(1).values.view(b, g, g)
 
-    def coarse_map(self, feats: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Standardised, part-median-subtracted coarse map upsampled to the stride-8 grid ``(B, h, w)``."""
+    def coarse_map(self, feats: torch.Tensor, raw: torch.Tensor | None = None,
+                   part_raw: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Context map on the stride-8 grid ``(B, h, w)``, added to the fused patch map: the
+        standardised, part-median-subtracted coarse map upsampled x ``coarse_weight``, plus the
+        part-level term (uniform over the part) x ``global_weight`` x the held-out score spread.
+        ``raw`` / ``part_raw``: precomputed raw distances (else computed from ``feats``). None when
+        both branches are off."""
+        b, h, w = feats.shape[0], *feats.shape[-2:]
+        out = None
         c = self._coarse_raw(feats) if raw is None else raw
-        if c is None or self.coarse_stats is None:
-            return None
-        z = (c - self.coarse_stats[0]) / self.coarse_stats[1]
-        z = z - z.flatten(1).median(1).values[:, None, None]
-        return F.interpolate(z[:, None], size=feats.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        if c is not None and self.coarse_stats is not None:
+            z = (c - self.coarse_stats[0]) / self.coarse_stats[1]
+            z = z - z.flatten(1).median(1).values[:, None, None]
+            out = self.config.coarse_weight * F.interpolate(z[:, None], size=(h, w), mode="bilinear",
+                                                            align_corners=False)[:, 0]
+        d = self._part_raw(feats) if part_raw is None else part_raw
+        if d is not None and self.part_stats is not None:
+            mu, sd, spread = self.part_stats
+            g = (self.config.global_weight * spread * (d - mu) / sd)[:, None, None].expand(b, h, w)
+            out = g if out is None else out + g
+        return out
 
     @staticmethod
     def _loo_z(m: torch.Tensor, floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -336,10 +377,10 @@ class AnomalyDetector:
         return (m - mu_loo) / var_loo.clamp_min(0).sqrt().clamp_min(floor), tot / n, m.std(0).clamp_min(floor)
 
     def _raw_maps(self, hold_x: np.ndarray, keep_feats: bool = False) -> tuple[
-            torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Raw maps of ``hold_x (n, 3, S, S)`` in batches: (features if ``keep_feats``, knn, seg, coarse raw
-        distances or None)."""
-        feats, knn, seg, coarse = [], [], [], []
+        distances or None, part-level raw distances ``(n,)`` or None)."""
+        feats, knn, seg, coarse, part = [], [], [], [], []
         for i in range(0, len(hold_x), self.config.batch_size):
             f, k, s = self._raw(torch.from_numpy(np.ascontiguousarray(hold_x[i:i + self.config.batch_size])))
             knn.append(k)
@@ -347,10 +388,13 @@ class AnomalyDetector:
             c = self._coarse_raw(f)
             if c is not None:
                 coarse.append(c)
+            d = self._part_raw(f)
+            if d is not None:
+                part.append(d)
             if keep_feats:
                 feats.append(f)
         return (torch.cat(feats) if feats else None, torch.cat(knn), torch.cat(seg),
-                torch.cat(coarse) if coarse else None)
+                torch.cat(coarse) if coarse else None, torch.cat(part) if part else None)
 
     @torch.inference_mode()
     def _fit_normalisation(self, hold_x: np.ndarray) -> np.ndarray:
@@ -360,8 +404,8 @@ class AnomalyDetector:
         held-out image is scored with leave-one-out statistics (closed form): otherwise its own map
         would be in its normaliser and the threshold would come out too low.
         """
-        _, k_all, s_all, c_all = self._raw_maps(hold_x)  # (n, h, w) each; coarse (n, g, g) or None
-        self.coarse_stats = None
+        _, k_all, s_all, c_all, p_all = self._raw_maps(hold_x)  # (n, h, w) each; coarse (n, g, g), part (n,)
+        self.coarse_stats = self.part_stats = None
         if c_all is not None and c_all.shape[0] >= 3:
             # held-out images are scored with leave-one-out statistics, as for the stride-8 maps
             c_loo, c_mu, c_sd = self._loo_z(c_all)
@@ -382,9 +426,17 @@ class AnomalyDetector:
         cz = None
         if self.coarse_stats is not None:
             cz = c_loo - c_loo.flatten(1).median(1).values[:, None, None]
-            cz = F.interpolate(cz[:, None], size=k_all.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            cz = self.config.coarse_weight * F.interpolate(cz[:, None], size=k_all.shape[-2:], mode="bilinear",
+                                                           align_corners=False)[:, 0]
         small = self._combine(loo[0], loo[1], cz)
-        return self.upsample(small, hold_x.shape[-1]).flatten(1).max(1).values.numpy()
+        scores = self.upsample(small, hold_x.shape[-1]).flatten(1).max(1).values
+        if p_all is not None:
+            # the part-level term is a uniform shift of the map, in units of the held-out scores' spread
+            p_loo, p_mu, p_sd = self._loo_z(p_all)
+            spread = scores.std() + 1e-6
+            self.part_stats = torch.stack([p_mu, p_sd, spread])
+            scores = scores + self.config.global_weight * spread * p_loo
+        return scores.numpy()
 
     @torch.inference_mode()
     def holdout_outputs(self, hold_x: np.ndarray) -> MapOutput:
@@ -406,7 +458,7 @@ class AnomalyDetector:
                 return self.score_arrays(hold_x)
             finally:
                 self.fewshot = saved
-        f_all, k_all, s_all, c_all = self._raw_maps(hold_x, keep_feats=True)
+        f_all, k_all, s_all, c_all, p_all = self._raw_maps(hold_x, keep_feats=True)
         assert f_all is not None
         if ps.shape[-2:] != k_all.shape[-2:]:
             raise DataError("held-out images do not match the model's map size")
@@ -414,10 +466,14 @@ class AnomalyDetector:
         for m, mu, sd in ((k_all, ps[0], ps[1]), (s_all, ps[2], ps[3])):
             z, _, _ = self._loo_z(m)   # as in _fit_normalisation
             eq.append(z * sd + mu)
-        cz = None
+        c_eq = p_eq = None
         if self.coarse_stats is not None and c_all is not None:
             z, _, _ = self._loo_z(c_all)
-            cz = self.coarse_map(f_all, raw=z * self.coarse_stats[1] + self.coarse_stats[0])
+            c_eq = z * self.coarse_stats[1] + self.coarse_stats[0]
+        if self.part_stats is not None and p_all is not None:
+            z, _, _ = self._loo_z(p_all)
+            p_eq = z * self.part_stats[1] + self.part_stats[0]
+        cz = self.coarse_map(f_all, raw=c_eq, part_raw=p_eq)
         maps = self.upsample(self.fuse(eq[0], eq[1], cz), hold_x.shape[-1])
         return MapOutput(maps.numpy(), maps.flatten(1).max(1).values.numpy(), f_all, eq[0], eq[1], cz)
 
@@ -463,8 +519,7 @@ class AnomalyDetector:
 
     def fuse(self, knn: torch.Tensor, seg: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
         """Standardise and combine the stride-8 maps ``(B, h, w)`` per the configured fusion;
-        ``coarse`` is the already standardised coarse-branch map (:meth:`coarse_map`), added with
-        ``coarse_weight``."""
+        ``coarse`` is the context map (:meth:`coarse_map`, weights applied), added."""
         return self._combine(*self.standardise(knn, seg), coarse)
 
     def _combine(self, kz: torch.Tensor, sz: torch.Tensor, cz: torch.Tensor | None = None) -> torch.Tensor:
@@ -474,7 +529,7 @@ class AnomalyDetector:
             # median only moves when more than half of the part is elevated
             z = z - z.flatten(1).median(1).values[:, None, None]
         if cz is not None:
-            z = z + self.config.coarse_weight * cz
+            z = z + cz
         return z
 
     def upsample(self, small: torch.Tensor, size: int) -> torch.Tensor:
@@ -560,6 +615,9 @@ class AnomalyDetector:
                         "coarse_proj": cproj.contiguous()}
             if self.coarse_stats is not None:
                 tensors["coarse_stats"] = self.coarse_stats.contiguous()
+        part = {"part_memory": self.part_memory, "part_mean": self.part_mean, "part_proj": self.part_proj,
+                "part_stats": self.part_stats}
+        tensors |= {k: v.contiguous() for k, v in part.items() if v is not None}
         meta = {"format": FORMAT_VERSION, "config": self.config.to_dict(), "stats": self.stats,
                 "calibrator": self.calibrator.to_dict() if self.calibrator else None, "info": self.info}
         if self.fewshot is not None:
@@ -582,6 +640,7 @@ class AnomalyDetector:
         cfg.setdefault("background", "none")
         cfg.setdefault("bank_dim", 0)  # models saved before the PCA bank
         cfg.setdefault("coarse_grid", 0)  # models saved before the coarse branch
+        cfg.setdefault("global_dim", 0)  # models saved before the part-level branch
         det = cls(DetectorConfig.from_dict(cfg))
         tensors = load_file(str(folder / "weights.safetensors"))
         arch = det.config.features.backbone_arch
@@ -595,6 +654,8 @@ class AnomalyDetector:
         det.pos_stats = tensors.get("pos_stats")
         det.coarse_memory, det.coarse_mean = tensors.get("coarse_memory"), tensors.get("coarse_mean")
         det.coarse_proj, det.coarse_stats = tensors.get("coarse_proj"), tensors.get("coarse_stats")
+        det.part_memory, det.part_mean = tensors.get("part_memory"), tensors.get("part_mean")
+        det.part_proj, det.part_stats = tensors.get("part_proj"), tensors.get("part_stats")
         det.calibrator = Calibrator.from_dict(meta["calibrator"]) if meta.get("calibrator") else None
         det.info = meta.get("info", {})
         if meta.get("fewshot"):

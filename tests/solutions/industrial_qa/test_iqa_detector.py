@@ -283,6 +283,50 @@ def test_coarse_branch_is_saved_and_used_in_scores(tiny_detector, iqa_src: Path,
     assert np.allclose(again.maps, out.maps, atol=1e-4)
 
 
+def test_part_level_branch_shifts_the_whole_map_of_a_part_whose_overall_texture_is_off() -> None:
+    """The part descriptor (mean, std of all patch features) sees a part whose features all vary 1.6x
+    more, though every patch stays in the normal range: its whole map goes up by one uniform amount,
+    more than a new normal part's."""
+    from solutions.industrial_qa.detector import DetectorConfig
+
+    g = torch.Generator().manual_seed(0)
+    det = AnomalyDetector(DetectorConfig(coarse_grid=0, global_dim=8, global_weight=0.5))
+    normal = torch.randn(40, 16, 8, 8, generator=g)                  # (n, D, h, w) patch features
+    det.part_mean, det.part_proj, det.part_memory = det._pca_bank(det._regions(normal[:30], 1).flatten(1), 8, 30)
+    assert det.part_memory.shape == (30, 8)
+    hold = det._part_raw(normal[30:])                                # (10,)
+    _, mu, sd = det._loo_z(hold)
+    det.part_stats = torch.stack([mu, sd, torch.tensor(2.0)])        # spread 2: the map shift is 0.5 * 2 * z
+    off = (torch.randn(1, 16, 8, 8, generator=g) * 1.6).clamp(-3, 3)
+    cmap, ok = det.coarse_map(off), det.coarse_map(torch.randn(1, 16, 8, 8, generator=g))
+    assert cmap.shape == ok.shape == (1, 8, 8)
+    assert float(cmap.max() - cmap.min()) == pytest.approx(0.0)    # uniform over the part
+    z = (det._part_raw(off) - mu) / sd
+    assert float(cmap[0, 0, 0]) == pytest.approx(float(0.5 * 2.0 * z), rel=1e-5)
+    assert float(cmap[0, 0, 0]) > float(ok[0, 0, 0]) + 1.0
+    det.config.global_weight = 0.0
+    assert float(det.coarse_map(off).abs().max()) == 0.0
+
+
+def test_part_level_branch_is_saved_and_shifts_scores_uniformly(tiny_detector, iqa_src: Path, tmp_path: Path) -> None:
+    det = tiny_detector
+    assert det.part_memory is not None and det.part_stats is not None
+    x = np.stack([to_tensor_array(read_image(p), 64) for p in sorted((iqa_src / "test" / "uneven").iterdir())[:2]])
+    out = det.score_arrays(x)
+    weight = det.config.global_weight
+    try:
+        det.config.global_weight = 0.0
+        without = det.score_arrays(x)
+    finally:
+        det.config.global_weight = weight
+    shift = (out.maps - without.maps).reshape(len(x), -1)
+    assert np.abs(shift).max() > 1e-3
+    np.testing.assert_allclose(shift, shift[:, :1].repeat(shift.shape[1], 1), atol=1e-4)
+    np.testing.assert_allclose(out.scores - without.scores, shift[:, 0], atol=1e-4)
+    again = AnomalyDetector.load(det.save(tmp_path / "m")).score_arrays(x)
+    assert np.allclose(again.maps, out.maps, atol=1e-4)
+
+
 def test_image_input_normalisation_ignores_part_brightness_and_contrast() -> None:
     """With ``input_norm="image"`` a part and the same part re-lit (gain + offset) give the same
     features; the dataset normalisation does not (it is what the option changes)."""
