@@ -46,6 +46,9 @@ def continual_eval(
                                                             "eigen-directions get the exact gradient every step; "
                                                             "the rest is lagged (refresh > 1) or diagonal "
                                                             "(0 = off).")] = None,
+    ewc_kfac_exact_rank_g: Annotated[int | None, typer.Option(min=0, help="KFAC EWC with --ewc-kfac-exact-rank: "
+                                                              "only the top N output (G) eigen-directions in that "
+                                                              "exact block (0 = all).")] = None,
     ewc_kfac_rank: Annotated[int | None, typer.Option(min=0, help="kfac_merged EWC: rank of the shared Kronecker "
                                                       "subspace part per layer (0 = blocks / diagonal only).")] = None,
     ewc_kfac_tol: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="KFAC EWC: keep each factor's "
@@ -92,6 +95,8 @@ def continual_eval(
         bench.ewc_kfac_lag = ewc_kfac_lag
     if ewc_kfac_exact_rank is not None:
         bench.ewc_kfac_exact_rank = ewc_kfac_exact_rank
+    if ewc_kfac_exact_rank_g is not None:
+        bench.ewc_kfac_exact_rank_g = ewc_kfac_exact_rank_g
     if ewc_kfac_rank is not None:
         bench.ewc_kfac_rank = ewc_kfac_rank
     if ewc_kfac_tol is not None:

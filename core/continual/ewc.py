@@ -162,6 +162,10 @@ class EWC(TrainerHook):
             is computed exactly on every step; the other kept directions are lagged (``kfac_refresh >
             1``) or, with ``kfac_refresh = 1``, replaced by their diagonal penalty (the diagonal of their
             Kronecker Hessian, exact at its own weight; nothing is stale).
+        kfac_exact_rank_g: with ``kfac_exact_rank > 0``: the stiff part takes only the top
+            ``kfac_exact_rank_g`` output-side (``G``) eigen-directions of each task (0 = all of them): a
+            block of the largest eigenvalue products, ~``out * r_G`` cheaper to apply every step; the rest
+            of the Kronecker terms (everything outside the block) is lagged or diagonal.
         kfac_block_max: ``fisher="kfac_merged"`` only: the largest block side: a layer whose smaller
             side (``in + 1`` or ``out``) exceeds it gets the diagonal (memory ``numel * side`` per layer).
         kfac_rank: ``fisher="kfac_merged"`` only: > 0 adds to every layer's block / diagonal penalty the
@@ -196,6 +200,7 @@ class EWC(TrainerHook):
         kfac_rank: int = 0,
         kfac_lag: KfacLag = "diag",
         kfac_exact_rank: int = 0,
+        kfac_exact_rank_g: int = 0,
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
@@ -212,6 +217,8 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC kfac_refresh must be an integer >= 1, not {kfac_refresh!r}")
         if isinstance(kfac_exact_rank, bool) or not isinstance(kfac_exact_rank, int) or kfac_exact_rank < 0:
             raise ConfigError(f"EWC kfac_exact_rank must be an integer >= 0, not {kfac_exact_rank!r}")
+        if isinstance(kfac_exact_rank_g, bool) or not isinstance(kfac_exact_rank_g, int) or kfac_exact_rank_g < 0:
+            raise ConfigError(f"EWC kfac_exact_rank_g must be an integer >= 0, not {kfac_exact_rank_g!r}")
         if kfac_lag not in ("diag", "none"):
             raise ConfigError(f"EWC kfac_lag must be 'diag' or 'none', not {kfac_lag!r}")
         if not 0.0 <= kfac_tol < 1.0:
@@ -243,8 +250,8 @@ class EWC(TrainerHook):
         self._kfac_age = 0
         # kfac, per layer: (D, D * anchors) of the lagged / non-stiff part of the penalty Hessian, (out, in [+1]):
         # the correction lambda * D * (W - W_refresh) of kfac_lag="diag", computed on first use
-        self.kfac_lag, self.kfac_exact_rank = kfac_lag, kfac_exact_rank
-        self._kfac_diag: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kfac_lag, self.kfac_exact_rank, self.kfac_exact_rank_g = kfac_lag, kfac_exact_rank, kfac_exact_rank_g
+        self._kfac_diag: dict[str, tuple[torch.Tensor, ...]] = {}
         # kfac_exact_rank > 0: (device, stiff, rest) views of self._kfac (see _kfac_split)
         self._kfac_parts: tuple[torch.device, dict[str, Any], dict[str, Any]] | None = None
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
@@ -815,7 +822,7 @@ class EWC(TrainerHook):
         for layer, parts in cache[1].items():
             self._add_to_grad(named, layer, parts)
         if self.kfac_exact_rank > 0:
-            stiff = self._kfac_term_grads(named, self._kfac_split(next(iter(named.values())).device)[0])
+            stiff = self._kfac_stiff_grads(named, next(iter(named.values())).device)
             for layer, (gw, gb) in stiff.items():
                 self._add_to_grad(named, layer, ((gw, None), (gb, None)))
 
@@ -832,27 +839,38 @@ class EWC(TrainerHook):
                 p.grad.addcmul_(d, p.detach(), value=self.lam)
 
     def _kfac_add_stiff_diag(self, named: dict[str, nn.Parameter]) -> None:
-        """``kfac_exact_rank = r > 0``, ``kfac_refresh = 1``: the stiff part exactly (per task its top-r
-        input directions) plus the gradient ``D * X - b`` of the diagonal penalty of every other kept
-        direction."""
+        """``kfac_exact_rank = r > 0``, ``kfac_refresh = 1``: the stiff part exactly (per task its top
+        input / output directions) plus the gradient ``D * X - b`` of the diagonal penalty of every other
+        kept direction, added straight into ``.grad`` (three passes over it per parameter)."""
         device = next(iter(named.values())).device
-        stiff = self._kfac_term_grads(named, self._kfac_split(device)[0])
-        for layer in self._kfac:
+        for layer, (u_w, u_wt, u_b, terms) in self._kfac_split(device)[0].items():
             w, bias = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
                 continue
+            proj = self._kfac_stiff_proj(w, bias, u_w, u_b, terms)
+            d_w, b_w, d_b, b_b = self._kfac_rest_diag_parts(layer, device, w.shape[1])
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.addmm_(proj, u_wt, alpha=self.lam).addcmul_(d_w, w.detach(), value=self.lam).sub_(b_w, alpha=self.lam)
+            if bias is not None and bias.requires_grad and u_b is not None:
+                if bias.grad is None:
+                    bias.grad = torch.zeros_like(bias)
+                bias.grad.addmv_(proj, u_b, alpha=self.lam).addcmul_(d_b, bias.detach(), value=self.lam).sub_(
+                    b_b, alpha=self.lam)
+
+    def _kfac_rest_diag_parts(self, layer: str, device: torch.device, n_in: int) -> tuple[torch.Tensor, ...]:
+        """``(D_w, b_w, D_b, b_b)``: ``_kfac_rest_diag`` split into weight and bias columns, contiguous
+        (zeros where the layer has no rest), kept until the next consolidation."""
+        key = f"{layer}#parts"
+        got = self._kfac_diag.get(key)
+        if got is None or got[0].device != device:
             d, b = self._kfac_rest_diag(layer, device)
-            gw, gb = stiff.get(layer, (None, None))
-            for p, g, cols in ((w, gw, slice(0, w.shape[1])), (bias, gb, slice(w.shape[1], w.shape[1] + 1))):
-                if p is None or not p.requires_grad:
-                    continue
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                if g is not None:
-                    p.grad.add_(g, alpha=self.lam)
-                if d is not None:
-                    g2 = p.grad.view(-1, 1) if p.dim() == 1 else p.grad
-                    g2.addcmul_(d[:, cols], p.detach().view_as(g2), value=self.lam).sub_(b[:, cols], alpha=self.lam)
+            if d is None or b is None:
+                n_out = self._kfac_split(device)[0][layer][3][0][0].shape[0]
+                d = b = torch.zeros(n_out, n_in + 1, device=device)
+            got = self._kfac_diag[key] = (d[:, :n_in].contiguous(), b[:, :n_in].contiguous(),
+                                          d[:, -1].contiguous(), b[:, -1].contiguous())
+        return got
 
     def _kfac_lagged(self, named: dict[str, nn.Parameter],
                      grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, tuple[Any, Any]]:
@@ -945,27 +963,63 @@ class EWC(TrainerHook):
             out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
         return out
 
+    def _kfac_stiff_grads(self, named: dict[str, nn.Parameter], device: torch.device
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The stiff part's ``sum_t G_t (W - W*_t) A_t`` (see ``_kfac_split``), per covered trainable layer,
+        from the weight and bias as they are (no ``[W | b]`` copy: this runs on every step)."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for layer, (u_w, u_wt, u_b, terms) in self._kfac_split(device)[0].items():
+            w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
+            if w is None or not w.requires_grad:
+                continue
+            proj = self._kfac_stiff_proj(w, b, u_w, u_b, terms)
+            out[layer] = (proj @ u_wt, proj @ u_b if u_b is not None and b is not None and b.requires_grad else None)
+        return out
+
+    @staticmethod
+    def _kfac_stiff_proj(w: torch.Tensor, b: torch.Tensor | None, u_w: torch.Tensor, u_b: torch.Tensor | None,
+                         terms: list[Any]) -> torch.Tensor:
+        """``sum_t U_G (S * (U_G^T [W | b] U_A - C)) `` per task's columns: the stiff gradient before the
+        final ``@ U_A^T``, ``(out, sum r)``."""
+        proj = w.detach() @ u_w  # (out, sum r)
+        if u_b is not None and b is not None:
+            proj.addr_(b.detach(), u_b)
+        for u_g, scale, center, lo, hi in terms:
+            d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale)
+            proj[:, lo:hi] = u_g @ d
+        return proj
+
     def _kfac_split(self, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(stiff, rest): every layer's KFAC terms split by input-side eigen-direction: per task its
-        ``kfac_exact_rank`` largest ``A`` eigenvalues (all of ``G``) are the stiff part, recomputed exactly
-        on every step of the lagged path, the other directions the rest (lagged). Built on first use after
-        a consolidation from ``self._kfac`` (slices, on its device)."""
+        """(stiff, rest) of every layer's KFAC terms. Stiff, per task: the block of its
+        ``kfac_exact_rank`` largest ``A`` eigen-directions times its ``kfac_exact_rank_g`` largest ``G``
+        ones (all of ``G`` when 0), per layer ``(U_A of the weight columns, its transpose, U_A's bias row
+        or None, terms)``, computed exactly on every step; the rest: the layer's terms with that block's
+        eigenvalue products set to zero (lagged, or its diagonal). Built on first use after a
+        consolidation from ``self._kfac``."""
         if self._kfac_parts is None or self._kfac_parts[0] != device:
             stiff: dict[str, Any] = {}
             rest: dict[str, Any] = {}
             for layer in self._kfac:
                 u_a_all, terms = self._kfac_to(layer, device)
-                for part, pick in ((stiff, lambda r: slice(max(r - self.kfac_exact_rank, 0), r)),
-                                   (rest, lambda r: slice(0, max(r - self.kfac_exact_rank, 0)))):
-                    cols, kept, at = [], [], 0
-                    for u_g, scale, center, lo, hi in terms:
-                        sl = pick(hi - lo)  # eigh order: ascending, the largest last
-                        n = sl.stop - sl.start
-                        cols.append(u_a_all[:, lo + sl.start: lo + sl.stop])
-                        kept.append((u_g, scale[:, sl].contiguous(), center[:, sl].contiguous(), at, at + n))
-                        at += n
-                    if kept:
-                        part[layer] = (torch.cat(cols, dim=1).contiguous(), kept)
+                cols, kept, rest_terms, at = [], [], [], 0
+                for u_g, scale, center, lo, hi in terms:
+                    # eigh order: ascending, the largest last
+                    ra = min(self.kfac_exact_rank, hi - lo)
+                    rg = u_g.shape[1] if self.kfac_exact_rank_g == 0 else min(self.kfac_exact_rank_g, u_g.shape[1])
+                    cols.append(u_a_all[:, hi - ra: hi])
+                    g0, a0 = u_g.shape[1] - rg, hi - lo - ra  # the block: [g0:, a0:] of the term's (r_G, r_A)
+                    kept.append((u_g[:, g0:].contiguous(), scale[g0:, a0:].contiguous(), center[g0:, a0:].contiguous(),
+                                 at, at + ra))
+                    at += ra
+                    left = scale.clone()
+                    left[g0:, a0:] = 0.0
+                    rest_terms.append((u_g, left, center, lo, hi))
+                u = torch.cat(cols, dim=1)
+                n_in = next(a[f"{layer}.weight"].shape[1] for a in self.anchors.values() if f"{layer}.weight" in a)
+                has_bias = u_a_all.shape[0] > n_in
+                u_w = u[:-1] if has_bias else u
+                stiff[layer] = (u_w.contiguous(), u_w.T.contiguous(), u[-1].contiguous() if has_bias else None, kept)
+                rest[layer] = (u_a_all, rest_terms)
             self._kfac_parts = device, stiff, rest
         return self._kfac_parts[1], self._kfac_parts[2]
 

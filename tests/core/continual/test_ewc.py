@@ -285,11 +285,12 @@ def test_kfac_default_path_builds_no_lag_or_stiff_state(net: Net) -> None:
     assert ewc._kfac_parts is None and not ewc._kfac_diag and ewc._kfac_cache is None
 
 
-@pytest.mark.parametrize("refresh", [1, 3])
-def test_kfac_exact_rank_covering_every_direction_is_exact(net: Net, refresh: int) -> None:
-    """kfac_exact_rank at least every task's kept A rank: every direction is stiff, so the added gradient
-    is the exact one on every step, lagged (refresh 3) or not (refresh 1)."""
-    exact, stiff = EWC(7.0, fisher="kfac"), EWC(7.0, fisher="kfac", kfac_refresh=refresh, kfac_exact_rank=50)
+@pytest.mark.parametrize(("refresh", "rank_g"), [(1, 0), (3, 0), (1, 50)])
+def test_kfac_exact_rank_covering_every_direction_is_exact(net: Net, refresh: int, rank_g: int) -> None:
+    """kfac_exact_rank (and kfac_exact_rank_g) at least every task's kept A (G) rank: every direction is
+    stiff, so the added gradient is the exact one on every step, lagged (refresh 3) or not (refresh 1)."""
+    exact = EWC(7.0, fisher="kfac")
+    stiff = EWC(7.0, fisher="kfac", kfac_refresh=refresh, kfac_exact_rank=50, kfac_exact_rank_g=rank_g)
     for t, seed in (("a", 54), ("b", 55)):
         for e in (exact, stiff):
             e.consolidate(net, loss_fn, task_data(seed), t)
@@ -300,15 +301,16 @@ def test_kfac_exact_rank_covering_every_direction_is_exact(net: Net, refresh: in
         torch.testing.assert_close(_added_grad(stiff, net), _added_grad(exact, net), rtol=1e-4, atol=1e-6)
 
 
-def test_kfac_exact_rank_splits_stiff_and_rest(net: Net) -> None:
-    """kfac_exact_rank=1 (one task): the stiff part (top A direction) and the rest add up to the exact
-    gradient at a refresh; between refreshes (kfac_lag="none") only the stiff part moves with the
-    weights; with kfac_refresh=1 the rest is its diagonal penalty: zero at the anchor, and it adds a
-    diagonal D_rest * dW with 0 <= D_rest <= the full Hessian diagonal (strictly less somewhere: the
-    stiff part took its share)."""
+@pytest.mark.parametrize("rank_g", [0, 2])
+def test_kfac_exact_rank_splits_stiff_and_rest(net: Net, rank_g: int) -> None:
+    """kfac_exact_rank=1 (one task; kfac_exact_rank_g 0 = all G directions, or the top 2): the stiff
+    block and the rest add up to the exact gradient at a refresh; between refreshes (kfac_lag="none")
+    only the stiff part moves with the weights; with kfac_refresh=1 the rest is its diagonal penalty:
+    zero at the anchor, and it adds a diagonal D_rest * dW with 0 <= D_rest <= the full Hessian
+    diagonal (strictly less somewhere: the stiff part took its share)."""
     exact = EWC(7.0, fisher="kfac")
-    lag = EWC(7.0, fisher="kfac", kfac_refresh=3, kfac_lag="none", kfac_exact_rank=1)
-    diag = EWC(7.0, fisher="kfac", kfac_exact_rank=1)
+    lag = EWC(7.0, fisher="kfac", kfac_refresh=3, kfac_lag="none", kfac_exact_rank=1, kfac_exact_rank_g=rank_g)
+    diag = EWC(7.0, fisher="kfac", kfac_exact_rank=1, kfac_exact_rank_g=rank_g)
     for e in (exact, lag, diag):
         e.consolidate(net, loss_fn, task_data(56), "a")
     assert float(_added_grad(diag, net).abs().max()) < 1e-5  # at the anchor every part is zero
@@ -329,6 +331,10 @@ def test_kfac_exact_rank_splits_stiff_and_rest(net: Net) -> None:
     d_rest = (_added_grad(diag, net) - d0 - stiff_moved) / dw
     assert bool((d_rest >= -1e-3).all()) and bool((d_rest <= full + 1e-3).all())
     assert float((full - d_rest).max()) > 1e-3
+    if rank_g:  # the stiff block holds the top 2 G directions of each term (of 16 / 2-3 kept)
+        stiff = diag._kfac_split(torch.device("cpu"))[0]
+        for layer, (_, terms) in diag._kfac.items():
+            assert [t[0].shape[1] for t in stiff[layer][3]] == [min(rank_g, t[0].shape[1]) for t in terms]
 
 
 @pytest.mark.parametrize("norm", ["max", "mean"])
@@ -557,6 +563,8 @@ def test_kfac_refresh_reuses_the_gradient_for_k_steps(net: Net) -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError):
             EWC(1.0, fisher="kfac", kfac_exact_rank=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError):
+            EWC(1.0, fisher="kfac", kfac_exact_rank=1, kfac_exact_rank_g=bad)  # type: ignore[arg-type]
 
 
 def _hessian_diagonal(hook: EWC, net: Net) -> torch.Tensor:
