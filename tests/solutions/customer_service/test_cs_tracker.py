@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from solutions.customer_service.data import load_sgd, sgd_train_services
-from solutions.customer_service.dst import DialogueStateTracker, encode_pairs
+from solutions.customer_service.dst import DialogueStateTracker, encode_pairs, requested
 from solutions.customer_service.encoder import MiniLMEncoder
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "customer_service"
@@ -121,8 +121,9 @@ def _pairs(d: dict) -> list[tuple[dict, str, str]]:
 def test_request_threshold_of_unseen_services_leaves_seen_ones_alone(tracker: DialogueStateTracker,
                                                                       schemas: dict) -> None:
     turn = [("", "Set an alarm for 6:30 am and book a table in San Jose. What is their phone number?")]
-    old = tracker.cfg.request_threshold_unseen
+    old, cap = tracker.cfg.request_threshold_unseen, tracker.cfg.max_requested_slots
     try:
+        tracker.cfg.max_requested_slots = None
         tracker.cfg.request_threshold_unseen = -1e9  # every slot of the unseen service counts as requested
         st = run(tracker, schemas, turn, ["Alarm_1", TINY_SERVICE])[-1]
         assert set(st["Alarm_1"]["requested_slots"]) == {s["name"] for s in schemas["Alarm_1"]["slots"]}
@@ -132,4 +133,27 @@ def test_request_threshold_of_unseen_services_leaves_seen_ones_alone(tracker: Di
         st = run(tracker, schemas, turn, ["Alarm_1", TINY_SERVICE])[-1]
         assert st["Alarm_1"]["requested_slots"] == [] and st[TINY_SERVICE]["requested_slots"] == seen_req
     finally:
-        tracker.cfg.request_threshold_unseen = old
+        tracker.cfg.request_threshold_unseen, tracker.cfg.max_requested_slots = old, cap
+
+
+def test_requested_slots_are_capped_to_the_highest_logits() -> None:
+    slots = [{"name": n} for n in ("a", "b", "c", "d")]
+    logits = [0.5, 3.0, -2.0, 1.0]
+    assert requested(slots, logits, 0.0, None) == ["a", "b", "d"]
+    assert requested(slots, logits, 0.0, 2) == ["b", "d"]  # the two highest, in schema order
+    assert requested(slots, logits, 2.0, 2) == ["b"]  # the cap never adds a slot under the threshold
+    assert requested(slots, logits, 5.0, 2) == []
+
+
+def test_tracker_caps_requested_slots(tracker: DialogueStateTracker, schemas: dict) -> None:
+    turn = [("", "Book a table in San Jose. What is their phone number and address, and do they have live music?")]
+    old_thr, old_cap = tracker.cfg.request_threshold, tracker.cfg.max_requested_slots
+    try:
+        tracker.cfg.request_threshold, tracker.cfg.max_requested_slots = -1e9, None
+        every = run(tracker, schemas, turn, [TINY_SERVICE])[-1][TINY_SERVICE]["requested_slots"]
+        assert every == [s["name"] for s in schemas[TINY_SERVICE]["slots"]]
+        tracker.cfg.max_requested_slots = 2
+        two = run(tracker, schemas, turn, [TINY_SERVICE])[-1][TINY_SERVICE]["requested_slots"]
+        assert len(two) == 2 and set(two) <= set(every)
+    finally:
+        tracker.cfg.request_threshold, tracker.cfg.max_requested_slots = old_thr, old_cap
