@@ -150,9 +150,9 @@ class EWC(TrainerHook):
             every ``kfac_refresh`` steps and reuse it on the steps in between (1 = every step, exact;
             see ``kfac_lag``). A KFAC gradient costs about ``4 * out * in * rank`` flops per layer and
             past task, more than a mini-batch step of a wide layer; refreshing every k steps divides that
-            by k. With Adam the plain lag (``kfac_lag="none"``) made permuted-digits training collapse at
-            k = 16 (the stale gradient overshoots in stiff directions and its bursts swamp Adam's second
-            moment).
+            by k. With Adam it made permuted-digits training collapse at k = 16 and 32, with either
+            ``kfac_lag`` (the stale gradient overshoots in stiff directions and its bursts swamp Adam's
+            second moment).
         kfac_lag: ``kfac_refresh > 1``: what is added between refreshes. ``"diag"`` (default): ``g0 +
             D * (theta - theta0)``, the exact gradient ``g0`` at the refresh weights ``theta0`` corrected
             by the exact diagonal ``D`` of the penalty Hessian (one fused multiply-add per step: every
