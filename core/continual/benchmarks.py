@@ -75,9 +75,6 @@ class Benchmark:
     ewc_normalize: str = "none"  # FisherNorm of core.continual.ewc: "none", "max" or "mean" per task
     ewc_kfac_tol: float = 1e-3  # eigenvalue cut-off of fisher="kfac" (relative to each factor's largest)
     ewc_kfac_refresh: int = 1  # fisher="kfac", apply="grad": exact penalty gradient every this many steps
-    ewc_kfac_lag: str = "diag"  # KfacLag of core.continual.ewc: correction of the lagged gradient in between
-    ewc_kfac_exact_rank: int = 0  # fisher="kfac": top A eigen-directions per task kept exact every step (0 = off)
-    ewc_kfac_exact_rank_g: int = 0  # with ewc_kfac_exact_rank: top G eigen-directions of that stiff block (0 = all)
     ewc_kfac_normalize: str = "none"  # FisherNorm used instead of ewc_normalize for the kfac kinds
     ewc_kfac_block_max: int = 128  # fisher="kfac_merged": largest per-unit block side (else diagonal)
     ewc_kfac_rank: int = 0  # fisher="kfac_merged": rank of the shared Kronecker subspace part (0 = none)

@@ -39,16 +39,6 @@ def continual_eval(
                                              "(trained on the rest), never on the eval sets: for tuning.")] = False,
     ewc_kfac_refresh: Annotated[int | None, typer.Option(min=1, help="KFAC EWC: recompute the penalty gradient "
                                                          "every N steps (1 = every step).")] = None,
-    ewc_kfac_lag: Annotated[str | None, typer.Option(help="KFAC EWC with --ewc-kfac-refresh > 1: between refreshes "
-                                                     "add the stale gradient corrected by the exact Hessian "
-                                                     "diagonal (diag) or as it is (none).")] = None,
-    ewc_kfac_exact_rank: Annotated[int | None, typer.Option(min=0, help="KFAC EWC: per past task the top N input "
-                                                            "eigen-directions get the exact gradient every step; "
-                                                            "the rest is lagged (refresh > 1) or diagonal "
-                                                            "(0 = off).")] = None,
-    ewc_kfac_exact_rank_g: Annotated[int | None, typer.Option(min=0, help="KFAC EWC with --ewc-kfac-exact-rank: "
-                                                              "only the top N output (G) eigen-directions in that "
-                                                              "exact block (0 = all).")] = None,
     ewc_kfac_rank: Annotated[int | None, typer.Option(min=0, help="kfac_merged EWC: rank of the shared Kronecker "
                                                       "subspace part per layer (0 = blocks / diagonal only).")] = None,
     ewc_kfac_tol: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="KFAC EWC: keep each factor's "
@@ -89,14 +79,6 @@ def continual_eval(
         bench.replay_ewc_fisher = None  # the combinations too
     if ewc_kfac_refresh is not None:
         bench.ewc_kfac_refresh = ewc_kfac_refresh
-    if ewc_kfac_lag is not None:
-        if ewc_kfac_lag not in ("diag", "none"):
-            raise ConfigError(f"unknown --ewc-kfac-lag {ewc_kfac_lag!r}; choose diag or none")
-        bench.ewc_kfac_lag = ewc_kfac_lag
-    if ewc_kfac_exact_rank is not None:
-        bench.ewc_kfac_exact_rank = ewc_kfac_exact_rank
-    if ewc_kfac_exact_rank_g is not None:
-        bench.ewc_kfac_exact_rank_g = ewc_kfac_exact_rank_g
     if ewc_kfac_rank is not None:
         bench.ewc_kfac_rank = ewc_kfac_rank
     if ewc_kfac_tol is not None:

@@ -63,7 +63,6 @@ FisherKind = Literal["empirical", "empirical_per_sample", "true", "kfac", "kfac_
 KFAC_KINDS = ("kfac", "kfac_merged")  # Fisher kinds estimated as Kronecker factors (stored as #A / #G)
 KFAC_EXACT_CLASSES = 32  # up to this many classes the KFAC G factor sums over every label exactly
 FisherNorm = Literal["none", "max", "mean"]
-KfacLag = Literal["diag", "none"]
 ParamFilter = Callable[[str], bool] | Sequence[str] | None
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -146,26 +145,12 @@ class EWC(TrainerHook):
             individual Fisher is tiny.
         kfac_tol: ``fisher="kfac"`` only: eigenvalues of each Kronecker factor below ``kfac_tol`` times
             its largest are dropped (those directions are left unprotected; fewer kept = cheaper step).
-        kfac_refresh: ``fisher="kfac"``, ``apply="grad"`` only: recompute the exact penalty gradient
-            every ``kfac_refresh`` steps and reuse it on the steps in between (1 = every step, exact;
-            see ``kfac_lag``). A KFAC gradient costs about ``4 * out * in * rank`` flops per layer and
-            past task, more than a mini-batch step of a wide layer; refreshing every k steps divides that
-            by k. With Adam it made permuted-digits training collapse at k = 16 and 32, with either
-            ``kfac_lag`` (the stale gradient overshoots in stiff directions and its bursts swamp Adam's
-            second moment).
-        kfac_lag: ``kfac_refresh > 1``: what is added between refreshes. ``"diag"`` (default): ``g0 +
-            D * (theta - theta0)``, the exact gradient ``g0`` at the refresh weights ``theta0`` corrected
-            by the exact diagonal ``D`` of the penalty Hessian (one fused multiply-add per step: every
-            weight keeps its own restoring force); ``"none"``: ``g0`` as it is.
-        kfac_exact_rank: ``fisher="kfac"``, ``apply="grad"`` only, 0 = off: per past task the top
-            ``kfac_exact_rank`` input-side (``A``) eigen-directions are the "stiff" part, whose gradient
-            is computed exactly on every step; the other kept directions are lagged (``kfac_refresh >
-            1``) or, with ``kfac_refresh = 1``, replaced by their diagonal penalty (the diagonal of their
-            Kronecker Hessian, exact at its own weight; nothing is stale).
-        kfac_exact_rank_g: with ``kfac_exact_rank > 0``: the stiff part takes only the top
-            ``kfac_exact_rank_g`` output-side (``G``) eigen-directions of each task (0 = all of them): a
-            block of the largest eigenvalue products, ~``out * r_G`` cheaper to apply every step; the rest
-            of the Kronecker terms (everything outside the block) is lagged or diagonal.
+        kfac_refresh: ``fisher="kfac"``, ``apply="grad"`` only: recompute the penalty gradient every
+            ``kfac_refresh`` steps and add the same tensor on the steps in between (1 = every step, exact).
+            A KFAC gradient costs about ``4 * out * in * rank`` flops per layer and past task, more than
+            a mini-batch step of a wide layer; refreshing every k steps divides that by k. Unsafe with
+            Adam: on permuted-digits k = 16 made training collapse (the stale gradient overshoots in
+            stiff directions and its bursts swamp Adam's second moment), so only for small k or SGD.
         kfac_block_max: ``fisher="kfac_merged"`` only: the largest block side: a layer whose smaller
             side (``in + 1`` or ``out``) exceeds it gets the diagonal (memory ``numel * side`` per layer).
         kfac_rank: ``fisher="kfac_merged"`` only: > 0 adds to every layer's block / diagonal penalty the
@@ -198,9 +183,6 @@ class EWC(TrainerHook):
         kfac_refresh: int = 1,
         kfac_block_max: int = 128,
         kfac_rank: int = 0,
-        kfac_lag: KfacLag = "diag",
-        kfac_exact_rank: int = 0,
-        kfac_exact_rank_g: int = 0,
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
@@ -215,12 +197,6 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC kfac_rank must be an integer >= 0, not {kfac_rank!r}")
         if isinstance(kfac_refresh, bool) or not isinstance(kfac_refresh, int) or kfac_refresh < 1:
             raise ConfigError(f"EWC kfac_refresh must be an integer >= 1, not {kfac_refresh!r}")
-        if isinstance(kfac_exact_rank, bool) or not isinstance(kfac_exact_rank, int) or kfac_exact_rank < 0:
-            raise ConfigError(f"EWC kfac_exact_rank must be an integer >= 0, not {kfac_exact_rank!r}")
-        if isinstance(kfac_exact_rank_g, bool) or not isinstance(kfac_exact_rank_g, int) or kfac_exact_rank_g < 0:
-            raise ConfigError(f"EWC kfac_exact_rank_g must be an integer >= 0, not {kfac_exact_rank_g!r}")
-        if kfac_lag not in ("diag", "none"):
-            raise ConfigError(f"EWC kfac_lag must be 'diag' or 'none', not {kfac_lag!r}")
         if not 0.0 <= kfac_tol < 1.0:
             raise ConfigError(f"EWC kfac_tol must be in [0, 1), not {kfac_tol!r}")
         if apply not in ("grad", "loss", "prox"):
@@ -248,12 +224,6 @@ class EWC(TrainerHook):
         self.kfac_refresh = kfac_refresh
         self._kfac_cache: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
         self._kfac_age = 0
-        # kfac, per layer: (D, D * anchors) of the lagged / non-stiff part of the penalty Hessian, (out, in [+1]):
-        # the correction lambda * D * (W - W_refresh) of kfac_lag="diag", computed on first use
-        self.kfac_lag, self.kfac_exact_rank, self.kfac_exact_rank_g = kfac_lag, kfac_exact_rank, kfac_exact_rank_g
-        self._kfac_diag: dict[str, tuple[torch.Tensor, ...]] = {}
-        # kfac_exact_rank > 0: (device, stiff, rest) views of self._kfac (see _kfac_split)
-        self._kfac_parts: tuple[torch.device, dict[str, Any], dict[str, Any]] | None = None
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
         self.fisher_samples = fisher_samples
         self.consolidate_at_task_end = consolidate_at_task_end
@@ -440,7 +410,6 @@ class EWC(TrainerHook):
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
         self._kfac, self._merged, self._merged_sub, self._kfac_cache = {}, {}, {}, None
-        self._kfac_diag, self._kfac_parts = {}, None
         if self.fisher_kind == "kfac":
             self._kfac_rebuild()
             return
@@ -800,130 +769,28 @@ class EWC(TrainerHook):
         """``.grad += lambda * sum_t G_t (W - W*_t) A_t`` per covered layer, in the truncated eigenbases:
         ``U_G (S * U_G^T (W - W*) U_A) U_A^T``, two big matmuls per layer whatever the number of tasks.
 
-        With ``kfac_refresh = k > 1`` the exact gradient is computed on every k-th step and reused on the
-        k - 1 steps in between (``kfac_lag``); a new consolidation, a load or another model forces a
-        refresh. ``kfac_exact_rank > 0`` keeps each task's top input directions exact on every step."""
+        With ``kfac_refresh = k > 1`` the exact gradient is computed on every k-th step and the same
+        tensor is added on the k - 1 steps in between (a lagged penalty gradient: between refreshes the
+        weights move by at most ~k * lr per Adam step); a new consolidation, a load or another model
+        forces a refresh."""
         named = dict(model.named_parameters())
         if self._merged and self.kfac_refresh == 1:
             self._merged_add_grad(named)
             return
-        if self.kfac_refresh == 1:  # nothing lagged
-            if self.kfac_exact_rank > 0:
-                self._kfac_add_stiff_diag(named)
-                return
-            for layer, (gw, gb) in self._kfac_grads(named).items():
-                self._add_to_grad(named, layer, ((gw, None), (gb, None)))
-            return
         cache = self._kfac_cache
         if cache is None or cache[0] != id(model) or self._kfac_age >= self.kfac_refresh:
-            cache = self._kfac_cache = (id(model), self._kfac_lagged(named, self._kfac_grads(named)))
+            cache = self._kfac_cache = (id(model), self._kfac_grads(named))
             self._kfac_age = 0
         self._kfac_age += 1
-        for layer, parts in cache[1].items():
-            self._add_to_grad(named, layer, parts)
-        if self.kfac_exact_rank > 0:
-            stiff = self._kfac_stiff_grads(named, next(iter(named.values())).device)
-            for layer, (gw, gb) in stiff.items():
-                self._add_to_grad(named, layer, ((gw, None), (gb, None)))
-
-    def _add_to_grad(self, named: dict[str, nn.Parameter], layer: str, parts: tuple[Any, Any]) -> None:
-        """``.grad += lambda * (g + D * theta)`` of ``layer``'s weight and bias, ``parts = ((g_w, D_w),
-        (g_b, D_b))`` (``D = None``: just ``g``; ``g = None``: nothing)."""
-        for p, (g, d) in zip((named[f"{layer}.weight"], named.get(f"{layer}.bias")), parts, strict=True):
-            if g is None or p is None:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.add_(g, alpha=self.lam)
-            if d is not None:  # + lambda * D * theta (g holds g0 - D * theta0)
-                p.grad.addcmul_(d, p.detach(), value=self.lam)
-
-    def _kfac_add_stiff_diag(self, named: dict[str, nn.Parameter]) -> None:
-        """``kfac_exact_rank = r > 0``, ``kfac_refresh = 1``: the stiff part exactly (per task its top
-        input / output directions) plus the gradient ``D * X - b`` of the diagonal penalty of every other
-        kept direction, added straight into ``.grad`` (three passes over it per parameter)."""
-        device = next(iter(named.values())).device
-        for layer, (u_w, u_wt, u_b, terms) in self._kfac_split(device)[0].items():
-            w, bias = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
-            if w is None or not w.requires_grad:
-                continue
-            proj = self._kfac_stiff_proj(w, bias, u_w, u_b, terms)
-            d_w, b_w, d_b, b_b = self._kfac_rest_diag_parts(layer, device, w.shape[1])
+        for layer, (gw, gb) in cache[1].items():
+            w, b = named[f"{layer}.weight"], named.get(f"{layer}.bias")
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
-            w.grad.addmm_(proj, u_wt, alpha=self.lam).addcmul_(d_w, w.detach(), value=self.lam).sub_(b_w, alpha=self.lam)
-            if bias is not None and bias.requires_grad and u_b is not None:
-                if bias.grad is None:
-                    bias.grad = torch.zeros_like(bias)
-                bias.grad.addmv_(proj, u_b, alpha=self.lam).addcmul_(d_b, bias.detach(), value=self.lam).sub_(
-                    b_b, alpha=self.lam)
-
-    def _kfac_rest_diag_parts(self, layer: str, device: torch.device, n_in: int) -> tuple[torch.Tensor, ...]:
-        """``(D_w, b_w, D_b, b_b)``: ``_kfac_rest_diag`` split into weight and bias columns, contiguous
-        (zeros where the layer has no rest), kept until the next consolidation."""
-        key = f"{layer}#parts"
-        got = self._kfac_diag.get(key)
-        if got is None or got[0].device != device:
-            d, b = self._kfac_rest_diag(layer, device)
-            if d is None or b is None:
-                n_out = self._kfac_split(device)[0][layer][3][0][0].shape[0]
-                d = b = torch.zeros(n_out, n_in + 1, device=device)
-            got = self._kfac_diag[key] = (d[:, :n_in].contiguous(), b[:, :n_in].contiguous(),
-                                          d[:, -1].contiguous(), b[:, -1].contiguous())
-        return got
-
-    def _kfac_lagged(self, named: dict[str, nn.Parameter],
-                     grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, tuple[Any, Any]]:
-        """Per layer ``((g_w, D_w), (g_b, D_b))`` such that ``g + D * theta`` is the lagged penalty
-        gradient at the current weights ``theta``: ``g0 + D * (theta - theta0)`` with ``g0`` the exact
-        gradient at the refresh weights ``theta0`` and ``D`` the exact diagonal of the penalty Hessian
-        (``kfac_lag="diag"``, ``fisher="kfac"`` layers; else ``D = None``: the plain lag ``g0``).
-
-        The plain lag has no restoring force between refreshes: a weight that reaches its old-task value
-        is still pushed by the stale gradient and overshoots the stiff directions. The diagonal term is
-        exact for the weight's own curvature and costs one fused multiply-add."""
-        out: dict[str, tuple[Any, Any]] = {}
-        for layer, (gw, gb) in grads.items():
-            if self.kfac_lag != "diag" or layer not in self._kfac:  # kfac_merged layers: the plain lag
-                out[layer] = ((gw, None), (gb, None))
-                continue
-            w, b = named[f"{layer}.weight"], named.get(f"{layer}.bias")
-            d = self._kfac_hessian_diag(layer, w.device)
-            if d is None:  # every direction of the layer is stiff (exact every step)
-                out[layer] = ((gw, None), (gb, None))
-                continue
-            d_w = d[:, : w.shape[1]].contiguous()
-            d_b = d[:, -1].contiguous() if gb is not None else None
-            out[layer] = ((gw - d_w * w.detach(), d_w),
-                          (gb - d_b * b.detach(), d_b) if gb is not None else (None, None))
-        return out
-
-    def _kfac_hessian_diag(self, layer: str, device: torch.device) -> torch.Tensor | None:
-        """The diagonal of the lagged part of ``sum_t G_t (x) A_t`` (truncated eigenbases, without the
-        stiff directions of ``kfac_exact_rank``) as an ``(out, in [+1])`` matrix: entry ``(i, j) =
-        sum_t sum_kl U_G[i, k]^2 S_t[k, l] U_A[j, l]^2``; ``None`` when nothing of the layer is lagged.
-        Computed on first use after a consolidation (one small matmul chain per task) and kept."""
-        return self._kfac_rest_diag(layer, device)[0]
-
-    def _kfac_rest_diag(self, layer: str, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(D, b)`` of the lagged / non-stiff part of ``layer``: ``D = sum_t D_t`` (the diagonals) and
-        ``b = sum_t D_t * [W*_t | b*_t]``, so ``D * X - b`` is the gradient of the diagonal penalty
-        ``1/2 sum_t D_t (X - X*_t)^2``; ``(None, None)`` when nothing of the layer is in that part."""
-        got = self._kfac_diag.get(layer)
-        if got is None or got[0].device != device:
-            if self.kfac_exact_rank == 0:
-                u_a_all, terms = self._kfac_to(layer, device)
-            elif layer in self._kfac_split(device)[1]:
-                u_a_all, terms = self._kfac_split(device)[1][layer]
-            else:
-                return None, None
-            tasks = [t for t, fs in self.fishers.items() if f"{layer}#A" in fs]  # the order of the terms
-            d, b = 0.0, 0.0
-            for t, (u_g, scale, _, lo, hi) in zip(tasks, terms, strict=True):
-                d_t = (u_g.square() @ scale) @ u_a_all[:, lo:hi].square().T
-                d, b = d + d_t, b + d_t * self._anchor_wb(t, layer).to(device, d_t.dtype)
-            got = self._kfac_diag[layer] = (d, b)
-        return got
+            w.grad.add_(gw, alpha=self.lam)
+            if gb is not None and b is not None:
+                if b.grad is None:
+                    b.grad = torch.zeros_like(b)
+                b.grad.add_(gb, alpha=self.lam)
 
     def _kfac_grads(self, named: dict[str, nn.Parameter]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """``sum_t G_t (W - W*_t) A_t`` split into (weight, bias) parts, per covered trainable layer."""
@@ -934,27 +801,12 @@ class EWC(TrainerHook):
             for layer in self._merged:
                 if f"{layer}.weight" in merged:
                     out[layer] = (merged[f"{layer}.weight"], merged.get(f"{layer}.bias"))
-        rest = None  # every term, unless kfac_exact_rank splits off a stiff part (computed on its own)
-        if self.kfac_exact_rank > 0:
-            rest = self._kfac_split(next(iter(named.values())).device)[1]
-        out.update(self._kfac_term_grads(named, rest))
-        return out
-
-    def _kfac_term_grads(self, named: dict[str, nn.Parameter], kfac: dict[str, tuple[torch.Tensor, list[Any]]] | None
-                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """``sum_t G_t (W - W*_t) A_t`` of the ``fisher="kfac"`` terms in ``kfac`` (per layer
-        ``(stacked U_A, terms)`` as in ``self._kfac``, which ``None`` means), per covered trainable layer."""
-        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for layer in self._kfac:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
                 continue
             wb = self._kfac_weight(named, layer)
             u_a_all, terms = self._kfac_to(layer, wb.device)
-            if kfac is not None:
-                if layer not in kfac:
-                    continue
-                u_a_all, terms = kfac[layer]
             proj = wb @ u_a_all  # (out, sum r_A)
             for u_g, scale, center, lo, hi in terms:
                 d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale)
@@ -962,66 +814,6 @@ class EWC(TrainerHook):
             grad = proj @ u_a_all.T  # (out, in [+1])
             out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
         return out
-
-    def _kfac_stiff_grads(self, named: dict[str, nn.Parameter], device: torch.device
-                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """The stiff part's ``sum_t G_t (W - W*_t) A_t`` (see ``_kfac_split``), per covered trainable layer,
-        from the weight and bias as they are (no ``[W | b]`` copy: this runs on every step)."""
-        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for layer, (u_w, u_wt, u_b, terms) in self._kfac_split(device)[0].items():
-            w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
-            if w is None or not w.requires_grad:
-                continue
-            proj = self._kfac_stiff_proj(w, b, u_w, u_b, terms)
-            out[layer] = (proj @ u_wt, proj @ u_b if u_b is not None and b is not None and b.requires_grad else None)
-        return out
-
-    @staticmethod
-    def _kfac_stiff_proj(w: torch.Tensor, b: torch.Tensor | None, u_w: torch.Tensor, u_b: torch.Tensor | None,
-                         terms: list[Any]) -> torch.Tensor:
-        """``sum_t U_G (S * (U_G^T [W | b] U_A - C)) `` per task's columns: the stiff gradient before the
-        final ``@ U_A^T``, ``(out, sum r)``."""
-        proj = w.detach() @ u_w  # (out, sum r)
-        if u_b is not None and b is not None:
-            proj.addr_(b.detach(), u_b)
-        for u_g, scale, center, lo, hi in terms:
-            d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale)
-            proj[:, lo:hi] = u_g @ d
-        return proj
-
-    def _kfac_split(self, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(stiff, rest) of every layer's KFAC terms. Stiff, per task: the block of its
-        ``kfac_exact_rank`` largest ``A`` eigen-directions times its ``kfac_exact_rank_g`` largest ``G``
-        ones (all of ``G`` when 0), per layer ``(U_A of the weight columns, its transpose, U_A's bias row
-        or None, terms)``, computed exactly on every step; the rest: the layer's terms with that block's
-        eigenvalue products set to zero (lagged, or its diagonal). Built on first use after a
-        consolidation from ``self._kfac``."""
-        if self._kfac_parts is None or self._kfac_parts[0] != device:
-            stiff: dict[str, Any] = {}
-            rest: dict[str, Any] = {}
-            for layer in self._kfac:
-                u_a_all, terms = self._kfac_to(layer, device)
-                cols, kept, rest_terms, at = [], [], [], 0
-                for u_g, scale, center, lo, hi in terms:
-                    # eigh order: ascending, the largest last
-                    ra = min(self.kfac_exact_rank, hi - lo)
-                    rg = u_g.shape[1] if self.kfac_exact_rank_g == 0 else min(self.kfac_exact_rank_g, u_g.shape[1])
-                    cols.append(u_a_all[:, hi - ra: hi])
-                    g0, a0 = u_g.shape[1] - rg, hi - lo - ra  # the block: [g0:, a0:] of the term's (r_G, r_A)
-                    kept.append((u_g[:, g0:].contiguous(), scale[g0:, a0:].contiguous(), center[g0:, a0:].contiguous(),
-                                 at, at + ra))
-                    at += ra
-                    left = scale.clone()
-                    left[g0:, a0:] = 0.0
-                    rest_terms.append((u_g, left, center, lo, hi))
-                u = torch.cat(cols, dim=1)
-                n_in = next(a[f"{layer}.weight"].shape[1] for a in self.anchors.values() if f"{layer}.weight" in a)
-                has_bias = u_a_all.shape[0] > n_in
-                u_w = u[:-1] if has_bias else u
-                stiff[layer] = (u_w.contiguous(), u_w.T.contiguous(), u[-1].contiguous() if has_bias else None, kept)
-                rest[layer] = (u_a_all, rest_terms)
-            self._kfac_parts = device, stiff, rest
-        return self._kfac_parts[1], self._kfac_parts[2]
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -136,11 +136,6 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
         if fisher in KFAC_KINDS:
             out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
-            if bench.ewc_kfac_refresh > 1:
-                out["ewc_kfac_lag"] = bench.ewc_kfac_lag
-            if fisher == "kfac" and bench.ewc_kfac_exact_rank > 0:
-                out.update(ewc_kfac_exact_rank=bench.ewc_kfac_exact_rank,
-                           ewc_kfac_exact_rank_g=bench.ewc_kfac_exact_rank_g)
             if fisher == "kfac_merged":
                 out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_rank=bench.ewc_kfac_rank)
         elif bench.ewc_normalize != "none":
@@ -162,8 +157,7 @@ def _ewc_hook(bench: Benchmark, mode: Literal["separate", "online"], **overrides
         params=bench.ewc_params, fisher_samples=bench.fisher_samples, output_fn=output_fn,
         temperature=bench.ewc_temperature,
         normalize=bench.ewc_kfac_normalize if bench.ewc_fisher in KFAC_KINDS else bench.ewc_normalize,
-        kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh, kfac_lag=bench.ewc_kfac_lag,
-        kfac_exact_rank=bench.ewc_kfac_exact_rank, kfac_exact_rank_g=bench.ewc_kfac_exact_rank_g,
+        kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
         kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)
     return EWC(bench.ewc_lambda, **{**kw, **overrides})
 

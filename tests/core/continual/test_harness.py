@@ -265,19 +265,3 @@ def test_cli_validation_slice_with_kfac(tmp_path: Path, tmp_home: Path, small_cl
     assert "ewc_prox_step_time_ratio" not in out  # no proximal step for the Kronecker penalty
     bad = CliRunner().invoke(app, ["core", "continual-eval", "--ewc-fisher", "fancy", "--json"])
     assert bad.exit_code != 0
-
-
-def test_cli_kfac_lag_and_exact_rank_flags(tmp_path: Path, tmp_home: Path, small_cli: None) -> None:
-    """--ewc-kfac-refresh / --ewc-kfac-lag / --ewc-kfac-exact-rank(-g) reach the hook and are reported."""
-    from core.cli import app
-
-    res = CliRunner().invoke(app, ["core", "continual-eval", "--benchmark", "permuted-digits", "--method",
-                                   "ewc", "--tasks", "2", "--epochs", "1", "--json", "--validation", "--no-timing",
-                                   "--ewc-fisher", "kfac", "--ewc-kfac-refresh", "4", "--ewc-kfac-lag", "none",
-                                   "--ewc-kfac-exact-rank", "2", "--ewc-kfac-exact-rank-g", "3", "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output
-    settings = json.loads(res.stdout.strip().splitlines()[-1])["settings"]
-    got = [settings[k] for k in ("ewc_kfac_refresh", "ewc_kfac_lag", "ewc_kfac_exact_rank", "ewc_kfac_exact_rank_g")]
-    assert got == [4, "none", 2, 3]
-    bad = CliRunner().invoke(app, ["core", "continual-eval", "--ewc-kfac-lag", "newton", "--json"])
-    assert bad.exit_code != 0
