@@ -308,6 +308,21 @@ def test_part_level_branch_shifts_the_whole_map_of_a_part_whose_overall_texture_
     assert float(det.coarse_map(off).abs().max()) == 0.0
 
 
+def test_part_level_spread_is_robust_to_one_far_off_held_out_part() -> None:
+    """The part-level term's scale is the held-out scores' spread: on Gaussian scores the robust spread
+    matches the std, and one far-off held-out part (as leave-one-out scores of a few parts produce)
+    inflates the std several-fold but moves the robust spread little."""
+    from solutions.industrial_qa.detector import robust_spread
+
+    g = torch.Generator().manual_seed(0)
+    scores = 5.0 + 2.0 * torch.randn(2000, generator=g)
+    assert float(robust_spread(scores)) == pytest.approx(float(scores.std()), rel=0.08)
+    few = 5.0 + 2.0 * torch.randn(9, generator=g)
+    spiked = torch.cat([few[:-1], torch.tensor([60.0])])
+    assert float(spiked.std()) > 3 * float(few.std())
+    assert float(robust_spread(spiked)) < 1.5 * float(robust_spread(few))
+
+
 def test_part_level_branch_is_saved_and_shifts_scores_uniformly(tiny_detector, iqa_src: Path, tmp_path: Path) -> None:
     det = tiny_detector
     assert det.part_memory is not None and det.part_stats is not None
