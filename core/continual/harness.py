@@ -11,7 +11,8 @@ Outputs (``run``):
   * references from the same run: ``joint_accuracy`` (one model trained on all tasks at once: the
     upper reference) and ``naive_average_accuracy`` (plain sequential fine-tuning: the lower one).
   * for EWC methods, ``ewc_step_time_ratio``: median EWC training step time / median plain step
-    time, measured side by side (interleaved rounds) on the same model and batches.
+    time, measured side by side (interleaved rounds) on the same model and batches: the run's trained
+    model with the Fisher it built (``ewc_timing_fisher``).
 
 Methods: ``naive`` (fine-tune), ``ewc`` (separate Fisher per task), ``online-ewc``, ``lora`` (first task
 trains the whole model; each later task trains only its own adapters, plus its head in task-incremental
@@ -176,8 +177,9 @@ def _hooks(bench: Benchmark, method: str, seed: int) -> list[TrainerHook]:
 
 
 def train_sequence(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu",
-                   bar: tqdm | None = None) -> tuple[list[list[float]], list[float]]:
-    """Train tasks in order with ``method``; returns (R, b): the accuracy matrix and untrained accuracies."""
+                   bar: tqdm | None = None, keep: dict[str, Any] | None = None) -> tuple[list[list[float]], list[float]]:
+    """Train tasks in order with ``method``; returns (R, b): the accuracy matrix and untrained accuracies.
+    ``keep``, if given, receives the trained ``model`` and its ``hooks`` (the timing of a run uses them)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     torch.manual_seed(seed)
@@ -200,6 +202,8 @@ def train_sequence(bench: Benchmark, method: str, *, seed: int = 0, device: str 
         matrix.append(_eval_row(bench, model, method, device))
         if bar is not None:
             bar.update(1)
+    if keep is not None:
+        keep.update(model=model, hooks=hooks)
     return matrix, base
 
 
@@ -244,24 +248,31 @@ class _StepTimer(TrainerHook):
 
 
 def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, rounds: int = 7,
-                    steps: int = 40, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+                    steps: int = 40, seed: int = 0, device: str = "cpu",
+                    trained: tuple[nn.Module, EWC] | None = None) -> dict[str, Any]:
     """EWC vs plain training step time, interleaved rounds on copies of one model and the same batches.
 
-    The EWC hook is first consolidated on every task (separate mode then holds T Fisher/anchor pairs).
+    ``trained``: the model and EWC hook of a finished run, timed as they are (the Fisher the run really
+    built: for KFAC its kept eigen-directions set the cost). Without it (``--only-timing``) a fresh model's
+    EWC hook is first consolidated on every task from 64 samples (separate mode then holds T
+    Fisher/anchor pairs; on permuted-digits both ways gave the same KFAC ratio).
     Every way of applying the penalty is timed (``grad``, ``loss``, ``prox``) with the benchmark's
     optimizer; ``ewc_step_time_ratio`` is the one the benchmark uses (``bench.ewc_apply``). A step time
     is the mean over one round (``steps`` rounded up to a multiple of ``bench.ewc_kfac_refresh``, so an
     amortised KFAC refresh is counted in full), the median over rounds (the first, warm-up, dropped).
     """
     torch.manual_seed(seed)
-    model = bench.make_model().to(device)
     fisher = bench.ewc_fisher
     refresh = bench.ewc_kfac_refresh if fisher in KFAC_KINDS else 1
     steps = -(-steps // refresh) * refresh
-    # the timing fits below must not re-estimate the Fisher (consolidate_at_task_end=False)
-    ewc = _ewc_hook(bench, mode, fisher_samples=64, apply="grad", consolidate_at_task_end=False)
-    for task in bench.tasks:
-        ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
+    if trained is not None:
+        model, ewc = copy.deepcopy(trained[0]).to(device), trained[1]
+    else:
+        model = bench.make_model().to(device)
+        # the timing fits below must not re-estimate the Fisher (consolidate_at_task_end=False)
+        ewc = _ewc_hook(bench, mode, fisher_samples=64, apply="grad", consolidate_at_task_end=False)
+        for task in bench.tasks:
+            ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
     applies = ("grad", "loss") if fisher in KFAC_KINDS else ("grad", "loss", "prox")
     hooks: dict[str, list[TrainerHook]] = {"plain": []}
     for apply in applies:
@@ -282,7 +293,8 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
     out = {"plain_step_ms": 1e3 * med["plain"], "ewc_step_ms": 1e3 * med[used],
            "ewc_step_time_ratio": med[used] / med["plain"], "ewc_apply": used,
            "ewc_loss_path_step_ms": 1e3 * med["loss"],
-           "ewc_loss_path_step_time_ratio": med["loss"] / med["plain"], "ewc_kfac_refresh": refresh}
+           "ewc_loss_path_step_time_ratio": med["loss"] / med["plain"], "ewc_kfac_refresh": refresh,
+           "ewc_timing_fisher": "trained run" if trained is not None else "fresh model, 64 samples"}
     out.update({f"ewc_{a}_step_time_ratio": med[a] / med["plain"] for a in applies})
     return out
 
@@ -354,7 +366,8 @@ def run(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu", ou
     total = n * len(runs) + (0 if refs is not None else 1)
     desc = f"{bench.name}: {'+'.join(runs)}" + ("" if refs is not None else "+joint")
     with tqdm(total=total, desc=desc, file=None) as bar:
-        matrix, base = train_sequence(bench, method, seed=seed, device=device, bar=bar)
+        kept: dict[str, Any] = {}
+        matrix, base = train_sequence(bench, method, seed=seed, device=device, bar=bar, keep=kept)
         if refs is None:
             if method == "naive":
                 refs = ((matrix, base), train_joint(bench, seed=seed, device=device))
@@ -379,8 +392,9 @@ def run(bench: Benchmark, method: str, *, seed: int = 0, device: str = "cpu", ou
         "settings": method_settings(bench, method),
     })
     if timing and method in ("ewc", "online-ewc"):
+        ewc = next(h for h in kept["hooks"] if isinstance(h, EWC))
         result.update(step_time_ratio(bench, "online" if method == "online-ewc" else "separate", seed=seed,
-                                      device=device))
+                                      device=device, trained=(kept["model"], ewc)))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["notes"] = bench.notes
     if out_dir is not None:

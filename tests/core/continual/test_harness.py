@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,6 +63,26 @@ def test_lora_method_has_zero_forgetting() -> None:
     assert r[2][1] == r[1][1]
 
 
+def test_step_time_ratio_times_a_trained_run_as_it_is() -> None:
+    """``trained=(model, hook)``: the timing uses that hook's Fisher (no new consolidation on a fresh
+    model) and leaves the trained model and hook untouched."""
+    b = benchmarks.permuted_digits(n_tasks=3)
+    b.make_model = lambda: benchmarks.MLP(64, 32, 10)
+    b.epochs = 1
+    kept: dict = {}
+    harness.train_sequence(dataclasses.replace(b, tasks=b.tasks[:2]), "ewc", keep=kept)
+    model, ewc = kept["model"], kept["hooks"][0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tasks = list(ewc.fishers)
+    assert len(tasks) == 2
+    out = harness.step_time_ratio(b, "separate", rounds=2, steps=2, trained=(model, ewc))
+    assert out["ewc_timing_fisher"] == "trained run" and out["ewc_step_time_ratio"] > 0
+    assert list(ewc.fishers) == tasks  # not re-consolidated on the benchmark's 3 tasks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    fresh = harness.step_time_ratio(b, "separate", rounds=2, steps=2)
+    assert fresh["ewc_timing_fisher"] == "fresh model, 64 samples"
+
+
 def test_unknown_method_is_a_clear_error() -> None:
     with pytest.raises(ConfigError):
         harness.train_sequence(benchmarks.permuted_digits(n_tasks=2), "distill")
@@ -93,6 +114,7 @@ def test_cli_continual_eval_prints_json_last(tmp_path: Path, tmp_home: Path, sma
     assert out["benchmark"] == "permuted-digits" and out["method"] == "online-ewc"
     assert len(out["accuracy_matrix"]) == 2
     assert out["ewc_step_time_ratio"] > 0 and out["ewc_apply"] == "grad"
+    assert out["ewc_timing_fisher"] == "trained run"  # timed on the run's own model and Fisher
     assert {"ewc_grad_step_time_ratio", "ewc_loss_step_time_ratio", "ewc_prox_step_time_ratio"} <= set(out)
     assert len(list(tmp_path.glob("*.png"))) == 2
 
