@@ -266,18 +266,23 @@ def test_coarse_branch_flags_a_large_texture_change_that_each_patch_alone_does_n
     assert float(ok.max()) < float(cmap.max())
 
 
+def _with_and_without(det: AnomalyDetector, iqa_src: Path, weight: str) -> tuple[np.ndarray, object, object]:
+    """Two "uneven" test parts, scored as configured and with the config field ``weight`` set to 0."""
+    x = np.stack([to_tensor_array(read_image(p), 64) for p in sorted((iqa_src / "test" / "uneven").iterdir())[:2]])
+    out, kept = det.score_arrays(x), getattr(det.config, weight)
+    try:
+        setattr(det.config, weight, 0.0)
+        without = det.score_arrays(x)
+    finally:
+        setattr(det.config, weight, kept)
+    return x, out, without
+
+
 def test_coarse_branch_is_saved_and_used_in_scores(tiny_detector, iqa_src: Path, tmp_path: Path) -> None:
     det = tiny_detector
     assert det.coarse_memory is not None and det.coarse_stats is not None
-    x = np.stack([to_tensor_array(read_image(p), 64) for p in sorted((iqa_src / "test" / "uneven").iterdir())[:2]])
-    out = det.score_arrays(x)
+    x, out, without = _with_and_without(det, iqa_src, "coarse_weight")
     assert out.coarse is not None and out.coarse.shape == out.knn.shape
-    weight = det.config.coarse_weight
-    try:
-        det.config.coarse_weight = 0.0
-        without = det.score_arrays(x)
-    finally:
-        det.config.coarse_weight = weight
     assert not np.allclose(out.maps, without.maps)
     again = AnomalyDetector.load(det.save(tmp_path / "m")).score_arrays(x)
     assert np.allclose(again.maps, out.maps, atol=1e-4)
@@ -326,14 +331,7 @@ def test_part_level_spread_is_robust_to_one_far_off_held_out_part() -> None:
 def test_part_level_branch_is_saved_and_shifts_scores_uniformly(tiny_detector, iqa_src: Path, tmp_path: Path) -> None:
     det = tiny_detector
     assert det.part_memory is not None and det.part_stats is not None
-    x = np.stack([to_tensor_array(read_image(p), 64) for p in sorted((iqa_src / "test" / "uneven").iterdir())[:2]])
-    out = det.score_arrays(x)
-    weight = det.config.global_weight
-    try:
-        det.config.global_weight = 0.0
-        without = det.score_arrays(x)
-    finally:
-        det.config.global_weight = weight
+    x, out, without = _with_and_without(det, iqa_src, "global_weight")
     shift = (out.maps - without.maps).reshape(len(x), -1)
     assert np.abs(shift).max() > 1e-3
     np.testing.assert_allclose(shift, shift[:, :1].repeat(shift.shape[1], 1), atol=1e-4)
