@@ -41,8 +41,11 @@ def _config(steps: int | None, size: int | None, coreset: int | None, far: float
         if size < 64 or size % 16:
             raise DataError("--size must be a multiple of 16 and at least 64")
         cfg.features.image_size = size
-    if coreset is not None:
-        cfg.coreset_size = coreset
+    if coreset is not None:   # patches per tile of the per-position bank (the global bank's size when it is off)
+        if cfg.local_block > 0:
+            cfg.local_bank = coreset
+        else:
+            cfg.coreset_size = coreset
     if far is not None:
         if not 0 < far < 1:
             raise DataError("--target-far must be in (0, 1)")
@@ -65,7 +68,7 @@ def train(
     line: Annotated[str, typer.Option("--line", help="Production line / product name.")],
     steps: Annotated[int | None, typer.Option(help="Self-supervised training steps.")] = None,
     size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
-    coreset: Annotated[int | None, typer.Option(help="Memory-bank size.")] = None,
+    coreset: Annotated[int | None, typer.Option(help="Memory-bank size (patches per tile of the per-position bank).")] = None,
     target_far: Annotated[float | None, typer.Option(help="Target false-alarm rate for the threshold.")] = None,
     backbone: Annotated[Path | None, typer.Option(help=BACKBONE_HELP)] = None,
 ) -> None:
@@ -134,7 +137,7 @@ def evaluate(
     line: Annotated[str | None, typer.Option(help="Store/reuse the model under this line name.")] = None,
     steps: Annotated[int | None, typer.Option(help="Self-supervised training steps.")] = None,
     size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
-    coreset: Annotated[int | None, typer.Option(help="Memory-bank size.")] = None,
+    coreset: Annotated[int | None, typer.Option(help="Memory-bank size (patches per tile of the per-position bank).")] = None,
     target_far: Annotated[float | None, typer.Option(help="Target false-alarm rate.")] = None,
     fusion: Annotated[str | None, typer.Option(help="Anomaly map: knn, seg or sum.")] = None,
     speed: Annotated[bool, typer.Option(help="Also measure images/s and p95 latency.")] = True,
@@ -173,7 +176,7 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON report on stdout.")] = False,
     steps: Annotated[int | None, typer.Option(help="Self-supervised training steps.")] = None,
     size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
-    coreset: Annotated[int | None, typer.Option(help="Memory-bank size.")] = None,
+    coreset: Annotated[int | None, typer.Option(help="Memory-bank size (patches per tile of the per-position bank).")] = None,
     fusion: Annotated[str | None, typer.Option(help="Anomaly map: knn, seg or sum.")] = None,
 ) -> None:
     """Choose settings without test images: fit on train/good minus N held-out normals, score those

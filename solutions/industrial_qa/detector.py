@@ -5,10 +5,11 @@ Pipeline (one visible chain, see :meth:`AnomalyDetector.fit`)::
     train/good images --split--> fit set (SSL + memory bank) | held-out normals (calibration)
     fit set -> train_feature_net (synthetic-defect segmentation pretext, features.py)
                or, with a user-supplied ImageNet ResNet (--backbone), its frozen layer2+3 (backbone.py)
-            -> patch features (N*h*w, D) -> random subsample -> greedy k-center coreset (M, D)
+            -> patch features (N, h*w, D) -> PCA -> per tile of the grid (local_block x local_block
+               cells, widened by local_radius): greedy k-center coreset (tiles, m, p)
     held-out normals -> maps -> per-map normalisation stats -> image scores -> Calibrator
 
-Scoring an image ``(3, S, S)``: kNN distance of each patch feature to the memory bank ``(h, w)``
+Scoring an image ``(3, S, S)``: kNN distance of each patch feature to its tile's memory bank ``(h, w)``
 and the pretext head's defect logit ``(h, w)`` are each standardised by their held-out-normal
 statistics (per map position by default: borders and fixed structures of the product that are
 unusual but normal stop dominating the maxima), fused, shifted by the part's median level, upsampled to ``(S, S)``, Gaussian-smoothed; the image score is the map's maximum.
@@ -36,6 +37,7 @@ from solutions.industrial_qa.data import load_array, load_batch
 from solutions.industrial_qa.features import FeatureConfig, FeatureNet, train_feature_net
 
 Fusion = Literal["knn", "seg", "sum"]
+LOCAL_CANDIDATES = 20_000   # fit patches drawn per tile of the per-position bank before its coreset
 Norm = Literal["global", "position"]
 Background = Literal["none", "median"]
 FORMAT_VERSION = 1
@@ -44,9 +46,17 @@ FORMAT_VERSION = 1
 @dataclass
 class DetectorConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    coreset_size: int = 2048
+    coreset_size: int = 2048    # size of the one global bank (local_block = 0)
     bank_dim: int = 64          # PCA dimension of the memory bank (0 = full features): ~4x cheaper kNN
     patch_sample: int = 120_000
+    # per-position memory bank: the stride-8 grid is tiled in local_block x local_block cells; each
+    # tile's patches are compared only with fit patches from the tile widened by local_radius cells
+    # (a coreset of local_bank per tile), so a patch that is normal somewhere on the part but not
+    # here (border texture inside the part, a bright centre structure at the edge) stands out.
+    # 0 = one global bank of coreset_size patches
+    local_block: int = 4
+    local_radius: int = 2
+    local_bank: int = 512
     holdout_fraction: float = 0.15
     min_holdout: int = 8
     target_far: float = 0.01
@@ -73,7 +83,7 @@ class DetectorConfig:
         """A seconds-to-train config (64 px, narrow net, 6 SSL steps) for tests and plumbing
         measurements (`verticals capacity --tiny-models`): exercises every stage, not quality."""
         return cls(features=FeatureConfig(image_size=64, widths=(8, 16, 24, 32), steps=6, batch_size=4),
-                   coreset_size=64, min_holdout=4, batch_size=8, coarse_grid=4, coarse_bank=64)
+                   coreset_size=64, local_bank=64, min_holdout=4, batch_size=8, coarse_grid=4, coarse_bank=64)
 
     def use_backbone(self, path: str | Path) -> DetectorConfig:
         """Use a user-supplied torchvision-layout ImageNet ResNet (backbone.py) instead of the
@@ -177,6 +187,20 @@ def _upsample_blur_matrix(n: int, size: int, sigma: float) -> torch.Tensor:
         return up[:, 0, 0, :].T.contiguous()                                   # (S, n)
 
 
+@lru_cache(maxsize=16)
+def block_cells(h: int, w: int, block: int, margin: int = 0) -> tuple[torch.Tensor, ...]:
+    """Flat cell indices (row-major in an ``(h, w)`` grid) of each ``block x block`` tile, tiles in
+    row-major order (edge tiles may be smaller), each widened by ``margin`` cells (clipped to the grid)."""
+    out = []
+    with torch.inference_mode(False):   # cached: must not be inference tensors (autograd callers index with them)
+        for y in range(0, h, block):
+            for x in range(0, w, block):
+                ys = torch.arange(max(0, y - margin), min(h, y + block + margin))
+                xs = torch.arange(max(0, x - margin), min(w, x + block + margin))
+                out.append((ys[:, None] * w + xs[None, :]).flatten())
+    return tuple(out)
+
+
 def robust_spread(scores: torch.Tensor) -> torch.Tensor:
     """Spread of held-out image scores ``(n,)``: interquartile range / 1.349 (= the std for Gaussian
     scores). Leave-one-out scores of a few held-out parts are heavy-tailed (one part far off inflates
@@ -214,8 +238,8 @@ class AnomalyDetector:
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = config or DetectorConfig()
         self.net: FeatureNet | BackboneNet | None = None   # SSL net, or a frozen user ResNet
-        self.memory: torch.Tensor | None = None        # (M, D) normal patch features
-        self.memory_sq: torch.Tensor | None = None     # (M,) squared norms (fast distances)
+        self.memory: torch.Tensor | None = None        # (M, p) normal patch features, or (tiles, m, p) per tile
+        self.memory_sq: torch.Tensor | None = None     # (M,) / (tiles, m) squared norms (fast distances)
         self.bank_mean: torch.Tensor | None = None     # (D,) feature mean before the PCA projection
         self.bank_proj: torch.Tensor | None = None     # (D, p) PCA projection of patch features
         self.stats: dict[str, float] = {}              # mean/std of knn and seg maps on normals
@@ -266,28 +290,14 @@ class AnomalyDetector:
             for i in range(0, len(images), cfg.batch_size):
                 xb = torch.from_numpy(images[i:i + cfg.batch_size]).contiguous(memory_format=torch.channels_last)
                 f, _ = self.net(xb)
-                feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+                feats.append(f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1]))   # (b, h*w, D)
                 if cfg.coarse_grid > 0:
                     r = self._regions(f)
                     regions.append(r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]))
                 if cfg.global_dim > 0:
                     parts.append(self._regions(f, 1).flatten(1))
                 report("memory bank", min(1.0, (i + cfg.batch_size) / len(images)) * 0.5)
-        allf = torch.cat(feats)
-        g = torch.Generator().manual_seed(cfg.features.seed)
-        if allf.shape[0] > cfg.patch_sample:
-            allf = allf[torch.randperm(allf.shape[0], generator=g)[: cfg.patch_sample]]
-        self.bank_mean, self.bank_proj = None, None
-        if 0 < cfg.bank_dim < allf.shape[1]:
-            # PCA keeps the directions that carry the patch-to-patch distances; the kNN matmul then
-            # costs bank_dim / D of the full one
-            mu = allf.mean(0)
-            cov = ((allf - mu).T @ (allf - mu)) / max(allf.shape[0] - 1, 1)
-            _, vecs = torch.linalg.eigh(cov.double())
-            self.bank_mean, self.bank_proj = mu, vecs[:, -cfg.bank_dim:].flip(1).float().contiguous()
-            allf = (allf - mu) @ self.bank_proj
-        self.memory = allf[greedy_coreset(allf, cfg.coreset_size, cfg.features.seed)].contiguous()
-        self.memory_sq = (self.memory ** 2).sum(1)
+        self._fit_patch_bank(torch.cat(feats), *f.shape[-2:])
         self._fit_coarse_bank(torch.cat(regions) if regions else None)
         self.part_mean = self.part_proj = self.part_memory = self.part_stats = None
         if parts:   # every fit part is kept (one row per image)
@@ -302,6 +312,61 @@ class AnomalyDetector:
                      "holdout_paths": [str(p) for p in hold]}
         report("done", 1.0)
         return self
+
+    def _fit_patch_bank(self, feats: torch.Tensor, h: int, w: int) -> None:
+        """PCA + coreset memory bank of the fit parts' patch features ``(N, h*w, D)`` on an ``(h, w)``
+        grid: one global bank, or one per tile of the grid (``local_block``)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.features.seed)
+        flat = feats.reshape(-1, feats.shape[-1])
+        if flat.shape[0] > cfg.patch_sample:
+            flat = flat[torch.randperm(flat.shape[0], generator=g)[: cfg.patch_sample]]
+        self.bank_mean, self.bank_proj = None, None
+        if 0 < cfg.bank_dim < flat.shape[1]:
+            # PCA keeps the directions that carry the patch-to-patch distances; the kNN matmul then
+            # costs bank_dim / D of the full one
+            mu = flat.mean(0)
+            cov = ((flat - mu).T @ (flat - mu)) / max(flat.shape[0] - 1, 1)
+            _, vecs = torch.linalg.eigh(cov.double())
+            self.bank_mean, self.bank_proj = mu, vecs[:, -cfg.bank_dim:].flip(1).float().contiguous()
+        if cfg.local_block <= 0:
+            flat = self._project(flat)
+            self.memory = flat[greedy_coreset(flat, cfg.coreset_size, cfg.features.seed)].contiguous()
+        else:
+            q = self._project(feats)                                          # (N, h*w, p)
+            cands = []
+            for cells in block_cells(h, w, cfg.local_block, cfg.local_radius):
+                c = q[:, cells].reshape(-1, q.shape[-1])
+                if c.shape[0] > LOCAL_CANDIDATES:
+                    c = c[torch.randperm(c.shape[0], generator=g)[:LOCAL_CANDIDATES]]
+                cands.append(c)
+            m = min(cfg.local_bank, *(c.shape[0] for c in cands))   # equal sizes: one batched search
+            self.memory = torch.stack([c[greedy_coreset(c, m, cfg.features.seed)] for c in cands]).contiguous()
+        self.memory_sq = (self.memory ** 2).sum(-1)
+
+    def _project(self, f: torch.Tensor) -> torch.Tensor:
+        """Patch features ``(..., D)`` -> the bank's PCA space ``(..., p)`` (unchanged without PCA)."""
+        return f if self.bank_proj is None else (f - self.bank_mean) @ self.bank_proj
+
+    def _knn(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Distance of projected patch features ``q (B, h*w, p)`` to their nearest bank patch ``(B, h*w)``:
+        the global bank, or the bank of each cell's tile."""
+        mem, msq = self.memory, self.memory_sq
+        assert mem is not None and msq is not None
+        # min over the bank of |m|^2 - 2 q.m (one fused addmm per row chunk / tile), then + |q|^2:
+        # the full (B*h*w, M) distance matrix never exists
+        if mem.dim() == 2:
+            d = torch.cat([torch.addmm(msq[None], c, mem.T, alpha=-2).min(dim=1).values
+                           for c in q.reshape(-1, q.shape[-1]).split(2048)]).view(q.shape[:2])
+        else:
+            tiles = block_cells(h, w, self.config.local_block)
+            if len(tiles) != mem.shape[0]:
+                raise DataError(f"the model's per-position bank has {mem.shape[0]} tiles, this map needs {len(tiles)}")
+            d = q.new_empty(q.shape[:2])
+            for k, cells in enumerate(tiles):
+                d[:, cells] = torch.addmm(msq[k][None], q[:, cells].reshape(-1, q.shape[-1]), mem[k].T,
+                                          alpha=-2).min(dim=1).values.view(q.shape[0], -1)
+        return (d + (q ** 2).sum(-1)).clamp_min(0).sqrt()
 
     def _regions(self, feats: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """Region descriptors ``(B, 2D, g, g)``: mean and std of the patch features ``(B, D, h, w)``
@@ -508,16 +573,8 @@ class AnomalyDetector:
         # channels_last: oneDNN's NHWC convolutions are ~2x faster on CPU (measured, BENCHMARKS.md)
         feats, logits = net(x.contiguous(memory_format=torch.channels_last))
         b, d, h, w = feats.shape
-        q = feats.permute(0, 2, 3, 1).reshape(-1, d)                        # (B*h*w, D)
-        if self.bank_proj is not None:
-            q = (q - self.bank_mean) @ self.bank_proj                        # (B*h*w, p)
-        # ||q - m||^2 = |q|^2 - 2 q.m + |m|^2, min over the bank, one matmul.
-        # min over the bank of |m|^2 - 2 q.m (one fused addmm), in row chunks that stay in cache,
-        # then + |q|^2: the full (B*h*w, M) distance matrix never exists
-        mins = [torch.addmm(self.memory_sq[None], c, self.memory.T, alpha=-2).min(dim=1).values
-                for c in q.split(2048)]
-        knn = (torch.cat(mins) + (q ** 2).sum(1)).clamp_min(0).sqrt().view(b, h, w)
-        return feats, knn, logits[:, 0]
+        q = self._project(feats.permute(0, 2, 3, 1).reshape(b, h * w, d))    # (B, h*w, p)
+        return feats, self._knn(q, h, w).view(b, h, w), logits[:, 0]
 
     def standardise(self, knn: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z-scores of the stride-8 maps ``(B, h, w)`` against held-out normals (per position when fitted)."""
@@ -649,6 +706,7 @@ class AnomalyDetector:
         cfg.setdefault("norm", "global")  # models saved before per-position statistics existed
         cfg.setdefault("background", "none")
         cfg.setdefault("bank_dim", 0)  # models saved before the PCA bank
+        cfg.setdefault("local_block", 0)  # models saved before the per-position bank: one global bank
         cfg.setdefault("coarse_grid", 0)  # models saved before the coarse branch
         cfg.setdefault("global_dim", 0)  # models saved before the part-level branch
         det = cls(DetectorConfig.from_dict(cfg))
@@ -658,7 +716,7 @@ class AnomalyDetector:
         det.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         det.net = det.net.eval().to(memory_format=torch.channels_last)
         det.memory = tensors["memory"]
-        det.memory_sq = (det.memory ** 2).sum(1)
+        det.memory_sq = (det.memory ** 2).sum(-1)
         det.bank_mean, det.bank_proj = tensors.get("bank_mean"), tensors.get("bank_proj")
         det.stats = meta["stats"]
         det.pos_stats = tensors.get("pos_stats")

@@ -138,7 +138,7 @@ def test_fit_score_save_load_end_to_end(r18_files: dict[str, Path], iqa_src: Pat
     det = AnomalyDetector(cfg).fit(paths, lambda stage, frac: stages.append(stage))
     assert "self-supervised training" not in stages and "loading backbone" in stages
     assert isinstance(det.net, BackboneNet)
-    assert det.memory is not None and det.memory.shape[1] == cfg.bank_dim
+    assert det.memory is not None and det.memory.shape[-1] == cfg.bank_dim
     src = Image.open(paths[0]).convert("L")
     odd = tmp_path / "odd.png"
     src.resize((90, 70)).save(odd)

@@ -15,7 +15,7 @@ from core.errors import DataError, ModelNotReady
 from solutions.industrial_qa import metrics
 from solutions.industrial_qa.calibration import Calibrator, false_alarm_rate, threshold_for_false_alarm_rate
 from solutions.industrial_qa.data import few_shot_split, load_mvtec, read_image, to_tensor_array
-from solutions.industrial_qa.detector import AnomalyDetector
+from solutions.industrial_qa.detector import AnomalyDetector, block_cells
 
 
 def test_heatmap_at_input_resolution_for_any_size_and_mode(tiny_detector, tmp_path: Path) -> None:
@@ -214,17 +214,51 @@ def test_pca_memory_bank_is_an_orthonormal_projection_of_the_features(tiny_detec
     full-feature distances (orthonormal projection), and the stride-8 kNN map uses that space."""
     det = tiny_detector
     p = det.bank_proj
-    assert p is not None and det.memory.shape[1] == det.config.bank_dim == p.shape[1]
+    assert p is not None and det.memory.shape[-1] == det.config.bank_dim == p.shape[1]
     assert torch.allclose(p.T @ p, torch.eye(p.shape[1]), atol=1e-4)
     x = torch.from_numpy(np.stack([read_image(f).convert("RGB").resize((64, 64)) for f in
                                    sorted((iqa_src / "test" / "good").iterdir())[:2]]).astype(np.float32) / 255)
     feats, knn, _ = det._raw(x.permute(0, 3, 1, 2).contiguous())
     q = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-    proj = (q - det.bank_mean) @ p
-    expect = torch.cdist(proj, det.memory).min(1).values.view_as(knn)
-    assert torch.allclose(knn, expect, atol=1e-3)
+    proj = ((q - det.bank_mean) @ p).view(2, -1, p.shape[1])                 # (2, h*w, p)
+    tiles = block_cells(*knn.shape[-2:], det.config.local_block)            # per-position bank: one per tile
+    assert det.memory.shape[:2] == (len(tiles), det.config.local_bank)
+    expect = torch.empty(proj.shape[:2])
+    for k, cells in enumerate(tiles):
+        expect[:, cells] = torch.cdist(proj[:, cells].reshape(-1, p.shape[1]), det.memory[k]).min(1).values.view(2, -1)
+    assert torch.allclose(knn, expect.view_as(knn), atol=1e-3)
     a, b = q[:5], q[5:10]
     assert (torch.cdist((a - det.bank_mean) @ p, (b - det.bank_mean) @ p) <= torch.cdist(a, b) + 1e-4).all()
+
+
+def test_per_position_bank_flags_a_patch_that_is_normal_only_elsewhere_on_the_part() -> None:
+    """Normal parts carry texture A in the top half of the grid and B in the bottom half. A B patch in
+    the top half is far from every patch of its tile's bank but close to the one global bank; normal
+    patches are close to both."""
+    from solutions.industrial_qa.detector import DetectorConfig
+
+    g = torch.Generator().manual_seed(0)
+    h = w = 8
+    top = (torch.arange(h * w) // w < h // 2)[None, :, None]                   # (1, h*w, 1)
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 3.0, 3.0
+
+    def parts(n: int) -> torch.Tensor:
+        return torch.where(top, a, b) + 0.1 * torch.randn(n, h * w, 8, generator=g)   # (n, h*w, 8)
+
+    odd = parts(1)
+    odd[0, 1 * w + 2] = b + 0.1 * torch.randn(8, generator=g)                 # B texture at (1, 2)
+    ok = parts(1)
+    dists = {}
+    for block in (0, 4):
+        det = AnomalyDetector(DetectorConfig(bank_dim=0, coreset_size=256, local_block=block, local_radius=0,
+                                             local_bank=128))
+        det._fit_patch_bank(parts(20), h, w)
+        assert det.memory.dim() == (3 if block else 2)
+        dists[block] = (det._knn(odd, h, w)[0, 1 * w + 2], det._knn(ok, h, w)[0].max())
+    (g_odd, g_ok), (l_odd, l_ok) = dists[0], dists[4]
+    assert float(g_odd) < 1.0 and float(g_ok) < 1.0 and float(l_ok) < 1.0   # normal everywhere / here
+    assert float(l_odd) > 3.0                                                 # ~|a - b| = 4.2 from its tile's bank
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.0, 4.0])
