@@ -34,6 +34,9 @@ DST_EPOCHS = 2
 DST_ENCODER_INT8 = False
 # Intent head with a description-conditioned read of the user tokens (README "Decision biases" / BENCHMARKS).
 DST_INTENT_READER = True
+# Share of intent training examples whose was-active flag is moved to another intent of the same service
+# (``TrackerConfig.intent_flag_noise``: the head learns to leave a wrong intent instead of carrying it on).
+DST_INTENT_FLAG_NOISE = 0.15
 # STAR train dialogues for the next-action models (seeded sample), for the same reason.
 STAR_TRAIN_DIALOGUES = 1200
 TASK_DATASETS: dict[str, tuple[str, ...]] = {
@@ -90,7 +93,8 @@ def train(task: str, dataset: str, data_root: Path, encoder: MiniLMEncoder | Non
         if n < len(dialogues):
             dialogues = random.Random(13).sample(dialogues, n)
         int8 = DST_ENCODER_INT8 if encoder_int8 is None else encoder_int8
-        cfg = TrackerConfig(epochs=epochs or DST_EPOCHS, encoder_int8=int8, intent_reader=DST_INTENT_READER)
+        cfg = TrackerConfig(epochs=epochs or DST_EPOCHS, encoder_int8=int8, intent_reader=DST_INTENT_READER,
+                            intent_flag_noise=DST_INTENT_FLAG_NOISE)
         tracker = train_tracker(dialogues, split.schemas, enc, cfg, reporter=reporter)
         tracker.save(folder)
         info: dict[str, Any] = {"dialogues": len(dialogues), "encoder": "int8" if int8 else "fp32"}
