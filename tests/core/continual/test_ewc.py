@@ -631,3 +631,86 @@ def test_kfac_merged_resume_and_reads_kfac_state(net: Net, tmp_path) -> None:  #
             EWC(1.0, fisher="kfac_merged", kfac_rank=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         EWC(1.0, fisher="kfac_merged", apply="prox")
+
+
+class _FakeTrainer:
+    """What the decoupled KFAC step reads from a trainer: the model and the optimizer's lr."""
+
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        self.model, self.optimizer = model, torch.optim.SGD(model.parameters(), lr=lr)
+
+
+def _kfac_two_tasks(net: Net, **kw: object) -> EWC:
+    ewc = EWC(3.0, fisher="kfac", apply="decoupled", kfac_tol=0.0, **kw)  # type: ignore[arg-type]
+    for t, seed in (("a", 41), ("b", 42)):
+        ewc.consolidate(net, loss_fn, task_data(seed), t)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return ewc
+
+
+def test_kfac_decoupled_pull_moves_weights_not_gradients(net: Net) -> None:
+    """apply="decoupled": .grad is left alone (the optimizer only sees the data gradient); after the step the
+    weights move against the exact KFAC gradient (small pull: lr * decoupled_lam * gradient, the tasks'
+    overlap divisor is 1), and a huge pull returns every kept direction to the anchors without overshoot."""
+    ewc = _kfac_two_tasks(net, decoupled_lam=1e-3)
+    trainer = _FakeTrainer(net, lr=0.5)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    ewc.after_backward(trainer)
+    assert all(bool((p.grad == 1).all()) for p in net.parameters())
+    exact = EWC(1.0, fisher="kfac", kfac_tol=0.0)
+    exact.load_state_dict(ewc.state_dict())
+    net.zero_grad(set_to_none=True)
+    exact.penalty(net).backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    ewc.after_step(trainer, 0.0)
+    for p, b in zip(net.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach() - b, -0.5 * 1e-3 * p.grad, rtol=1e-3, atol=1e-7)
+    ewc.decoupled_lam = 1e9
+    ewc._kfac_cache = None
+    pen = float(exact.penalty(net).detach())
+    ewc.after_step(trainer, 0.0)
+    assert float(exact.penalty(net).detach()) < 0.6 * pen  # two tasks, one anchor each: pulled to between them
+
+
+def test_kfac_decoupled_refresh_spreads_one_pull_over_k_steps(net: Net) -> None:
+    ewc = _kfac_two_tasks(net, decoupled_lam=10.0, kfac_refresh=3)
+    trainer = _FakeTrainer(net, lr=0.1)
+    moves = []
+    for _ in range(4):
+        before = net.head.weight.detach().clone()
+        ewc.after_step(trainer, 0.0)
+        moves.append(net.head.weight.detach() - before)
+    torch.testing.assert_close(moves[0], moves[1])
+    torch.testing.assert_close(moves[0], moves[2])
+    assert not torch.allclose(moves[0], moves[3])  # step 4 recomputes it at the moved weights
+
+
+def test_kfac_coupled_top_block_plus_rest_is_the_whole_penalty(net: Net) -> None:
+    """kfac_coupled_rank: the top (r_A x r_G) eigen-block of every task goes to .grad each step, the rest to
+    the decoupled pull; the two parts add up to the exact KFAC gradient and penalty."""
+    torch.manual_seed(0)
+    state = copy.deepcopy(net.state_dict())
+    split = _kfac_two_tasks(net, kfac_coupled_rank=2, kfac_coupled_rank_g=2)
+    net.load_state_dict(state)
+    torch.manual_seed(0)
+    whole = _kfac_two_tasks(net)
+    torch.testing.assert_close(split.penalty(net), whole.penalty(net))
+    named = dict(net.named_parameters())
+    full, rest, top = whole._kfac_grads(named), split._kfac_grads(named), split._kfac_grads(named, store=split._kfac_top)
+    for layer in full:
+        assert float(top[layer][0].abs().max()) > 0 and float(rest[layer][0].abs().max()) > 0
+        torch.testing.assert_close(top[layer][0] + rest[layer][0], full[layer][0])
+    net.zero_grad(set_to_none=True)
+    split.after_backward(_FakeTrainer(net, lr=0.1))
+    torch.testing.assert_close(net.head.weight.grad, 3.0 * top["head"][0])
+    coupled = EWC(3.0, fisher="kfac", kfac_tol=0.0, kfac_coupled_rank=2, kfac_coupled_rank_g=2)  # apply="grad"
+    coupled.load_state_dict(split.state_dict())
+    assert not coupled._kfac_top  # without apply="decoupled" the whole penalty is coupled
+    torch.testing.assert_close(coupled._kfac_grads(named)["head"][0], full["head"][0])
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="kfac", apply="decoupled", kfac_coupled_rank=2)  # both ranks
+    with pytest.raises(ConfigError):
+        EWC(1.0, apply="decoupled")  # KFAC only
