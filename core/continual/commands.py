@@ -44,15 +44,6 @@ def continual_eval(
     ewc_kfac_tol: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="KFAC EWC: keep each factor's "
                                                        "eigenvalues >= this times its largest (smaller rank = "
                                                        "cheaper step).")] = None,
-    ewc_apply: Annotated[str | None, typer.Option(help="Override how the EWC penalty is applied: grad | loss | "
-                                                  "prox | decoupled (KFAC: the lagged exact pull applied to the "
-                                                  "weights after the optimizer step, every --ewc-kfac-refresh steps).")] = None,
-    ewc_decoupled_lam: Annotated[float | None, typer.Option(min=0.0, help="--ewc-apply decoupled: strength of the "
-                                                           "lagged pull (times the lr).")] = None,
-    ewc_kfac_coupled_rank: Annotated[int | None, typer.Option(min=0, help="--ewc-apply decoupled: per task the top R "
-                                                              "input eigen-directions ...")] = None,
-    ewc_kfac_coupled_rank_g: Annotated[int | None, typer.Option(min=0, help="... x the top R output eigen-directions "
-                                                                "stay coupled (exact, every step, through the optimizer).")] = None,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
                                                    "empirical_per_sample | true | kfac | kfac_merged (also for the +replay combinations).")] = None,
 ) -> None:
@@ -86,16 +77,6 @@ def continual_eval(
                               "kfac or kfac_merged")
         bench.ewc_fisher = ewc_fisher
         bench.replay_ewc_fisher = None  # the combinations too
-    if ewc_apply is not None:
-        if ewc_apply not in ("grad", "loss", "prox", "decoupled"):
-            raise ConfigError(f"unknown EWC apply {ewc_apply!r}; choose grad, loss, prox or decoupled")
-        bench.ewc_apply = ewc_apply
-    if ewc_decoupled_lam is not None:
-        bench.ewc_decoupled_lam = ewc_decoupled_lam
-    if ewc_kfac_coupled_rank is not None:
-        bench.ewc_kfac_coupled_rank = ewc_kfac_coupled_rank
-    if ewc_kfac_coupled_rank_g is not None:
-        bench.ewc_kfac_coupled_rank_g = ewc_kfac_coupled_rank_g
     if ewc_kfac_refresh is not None:
         bench.ewc_kfac_refresh = ewc_kfac_refresh
     if ewc_kfac_rank is not None:

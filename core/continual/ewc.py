@@ -58,7 +58,7 @@ from core.errors import ConfigError, DataError
 from core.train.hooks import TrainerHook
 
 EWCMode = Literal["separate", "online"]
-ApplyMode = Literal["grad", "loss", "prox", "decoupled"]
+ApplyMode = Literal["grad", "loss", "prox"]
 FisherKind = Literal["empirical", "empirical_per_sample", "true", "kfac", "kfac_merged"]
 KFAC_KINDS = ("kfac", "kfac_merged")  # Fisher kinds estimated as Kronecker factors (stored as #A / #G)
 KFAC_EXACT_CLASSES = 32  # up to this many classes the KFAC G factor sums over every label exactly
@@ -181,9 +181,6 @@ class EWC(TrainerHook):
         normalize: FisherNorm = "none",
         kfac_tol: float = 1e-3,
         kfac_refresh: int = 1,
-        decoupled_lam: float = 100.0,
-        kfac_coupled_rank: int = 0,
-        kfac_coupled_rank_g: int = 0,
         kfac_block_max: int = 128,
         kfac_rank: int = 0,
     ) -> None:
@@ -193,16 +190,7 @@ class EWC(TrainerHook):
             raise ConfigError("EWC fisher must be empirical, empirical_per_sample, true, kfac or kfac_merged, "
                               f"not {fisher!r}")
         if fisher in KFAC_KINDS and (apply == "prox" or temperature != 1.0):
-            raise ConfigError(f"EWC fisher={fisher!r} supports apply='grad', 'loss' or 'decoupled', no temperature")
-        if apply == "decoupled" and fisher != "kfac":
-            raise ConfigError("EWC apply='decoupled' needs fisher='kfac'")
-        for name, rank in (("kfac_coupled_rank", kfac_coupled_rank), ("kfac_coupled_rank_g", kfac_coupled_rank_g)):
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-                raise ConfigError(f"EWC {name} must be an integer >= 0, not {rank!r}")
-        if (kfac_coupled_rank > 0) != (kfac_coupled_rank_g > 0):
-            raise ConfigError("EWC kfac_coupled_rank and kfac_coupled_rank_g go together (both > 0 or both 0)")
-        if not decoupled_lam >= 0.0:
-            raise ConfigError(f"EWC decoupled_lam must be >= 0, not {decoupled_lam!r}")
+            raise ConfigError(f"EWC fisher={fisher!r} supports apply='grad' or 'loss', no temperature")
         if isinstance(kfac_block_max, bool) or not isinstance(kfac_block_max, int) or kfac_block_max < 0:
             raise ConfigError(f"EWC kfac_block_max must be an integer >= 0, not {kfac_block_max!r}")
         if isinstance(kfac_rank, bool) or not isinstance(kfac_rank, int) or kfac_rank < 0:
@@ -211,8 +199,8 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC kfac_refresh must be an integer >= 1, not {kfac_refresh!r}")
         if not 0.0 <= kfac_tol < 1.0:
             raise ConfigError(f"EWC kfac_tol must be in [0, 1), not {kfac_tol!r}")
-        if apply not in ("grad", "loss", "prox", "decoupled"):
-            raise ConfigError(f"EWC apply must be 'grad', 'loss', 'prox' or 'decoupled', not {apply!r}")
+        if apply not in ("grad", "loss", "prox"):
+            raise ConfigError(f"EWC apply must be 'grad', 'loss' or 'prox', not {apply!r}")
         if lam < 0 or not 0.0 <= decay <= 1.0:
             raise ConfigError("EWC needs lam >= 0 and 0 <= decay <= 1")
         if not temperature > 0.0:
@@ -234,10 +222,6 @@ class EWC(TrainerHook):
         # apply="grad" with kfac_refresh > 1: (model id, {layer: (weight grad, bias grad)}) of the last
         # exact penalty gradient, and how many steps it has been applied for
         self.kfac_refresh = kfac_refresh
-        # apply="decoupled": the pull strength, and per task the top (r_A, r_G) eigen-block kept coupled:
-        # _kfac_top holds those blocks (same layout as _kfac), _kfac then the rest (the block's S zeroed)
-        self.decoupled_lam, self.kfac_coupled = float(decoupled_lam), (kfac_coupled_rank, kfac_coupled_rank_g)
-        self._kfac_top: dict[str, tuple[torch.Tensor, list[tuple[Any, ...]]]] = {}
         self._kfac_cache: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
         self._kfac_age = 0
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
@@ -287,15 +271,6 @@ class EWC(TrainerHook):
 
     @torch.no_grad()
     def after_backward(self, trainer: Any) -> None:
-        if self.apply == "decoupled" and self._kfac_top and self.lam != 0.0:  # the coupled top blocks
-            named = dict(trainer.model.named_parameters())
-            for layer, grads in self._kfac_grads(named, store=self._kfac_top).items():
-                for p, g in zip((named[f"{layer}.weight"], named.get(f"{layer}.bias")), grads, strict=True):
-                    if g is not None and p is not None:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        p.grad.add_(g, alpha=self.lam)
-            return
         if self.apply != "grad" or not (self._weight or self._kfac or self._merged) or self.lam == 0.0:
             return
         if self.fisher_kind in KFAC_KINDS:
@@ -311,9 +286,6 @@ class EWC(TrainerHook):
 
     @torch.no_grad()
     def after_step(self, trainer: Any, loss: float) -> None:
-        if self.apply == "decoupled" and self._kfac and self.decoupled_lam != 0.0:
-            self._kfac_decoupled_step(trainer)
-            return
         if self.apply != "prox" or not self._weight or self.lam == 0.0:
             return
         params, weights, centers = self._bind(trainer.model)
@@ -437,7 +409,7 @@ class EWC(TrainerHook):
     def _rebuild(self) -> None:
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
-        self._kfac, self._kfac_top, self._merged, self._merged_sub, self._kfac_cache = {}, {}, {}, {}, None
+        self._kfac, self._merged, self._merged_sub, self._kfac_cache = {}, {}, {}, None
         if self.fisher_kind == "kfac":
             self._kfac_rebuild()
             return
@@ -601,23 +573,12 @@ class EWC(TrainerHook):
                 # the anchor in the eigenbases, so a step only projects the current weights
                 per_layer.setdefault(layer, []).append(
                     (u_g, s_g[:, None] * s_a[None, :], u_a, u_g.T @ (anchor @ u_a)))
-        self._kfac, self._kfac_top = {}, {}
-        r_a, r_g = self.kfac_coupled if self.apply == "decoupled" else (0, 0)  # else the whole penalty is coupled
+        self._kfac = {}
         for layer, terms in per_layer.items():
-            self._kfac[layer] = self._kfac_stack(terms)
-            if r_a > 0:  # eigh sorts ascending: the top block is the last r_G rows x r_A columns
-                top = [(u_g[:, -r_g:], s[-r_g:, -r_a:].clone(), u_a[:, -r_a:], c[-r_g:, -r_a:]) for u_g, s, u_a, c in terms]
-                self._kfac_top[layer] = self._kfac_stack(top)
-                for _, s, _, _, _ in self._kfac[layer][1]:
-                    s[-r_g:, -r_a:] = 0.0  # the rest: that block is applied coupled
-
-    @staticmethod
-    def _kfac_stack(terms: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, list[tuple[Any, ...]]]:
-        """Per-task ``(U_G, S, U_A, centre)`` of one layer -> (every task's ``U_A`` stacked, per task
-        ``(U_G, S, centre, first column, last column)``)."""
-        u_a_all = torch.cat([u_a for _, _, u_a, _ in terms], dim=1)  # (in, sum r_A)
-        cuts = torch.tensor([0] + [u_a.shape[1] for _, _, u_a, _ in terms]).cumsum(0).tolist()
-        return u_a_all, [(u_g, scale, center, cuts[k], cuts[k + 1]) for k, (u_g, scale, _, center) in enumerate(terms)]
+            u_a_all = torch.cat([u_a for _, _, u_a, _ in terms], dim=1)  # (in, sum r_A)
+            cuts = torch.tensor([0] + [u_a.shape[1] for _, _, u_a, _ in terms]).cumsum(0).tolist()
+            self._kfac[layer] = (u_a_all, [(u_g, scale, center, cuts[k], cuts[k + 1])
+                                           for k, (u_g, scale, _, center) in enumerate(terms)])
 
     def _anchor_wb(self, task: str, layer: str) -> torch.Tensor:
         """Task ``task``'s anchor ``[W* | b*]`` of ``layer`` on the CPU in float64."""
@@ -775,13 +736,11 @@ class EWC(TrainerHook):
         b = named.get(f"{layer}.bias")
         return torch.cat([w, b[:, None]], dim=1) if b is not None else w
 
-    def _kfac_to(self, layer: str, device: torch.device, store: dict[str, Any] | None = None
-                 ) -> tuple[torch.Tensor, list[tuple[Any, ...]]]:
-        store = self._kfac if store is None else store
-        u_a_all, terms = store[layer]
+    def _kfac_to(self, layer: str, device: torch.device) -> tuple[torch.Tensor, list[tuple[Any, ...]]]:
+        u_a_all, terms = self._kfac[layer]
         if u_a_all.device != device:  # first use after load / device move
             terms = [(u.to(device), s.to(device), c.to(device), lo, hi) for u, s, c, lo, hi in terms]
-            store[layer] = u_a_all, terms = u_a_all.to(device), terms
+            self._kfac[layer] = u_a_all, terms = u_a_all.to(device), terms
         return u_a_all, terms
 
     def _kfac_penalty(self, model: nn.Module, device: torch.device) -> torch.Tensor:
@@ -796,14 +755,13 @@ class EWC(TrainerHook):
             if layer in self._merged_sub:
                 _, _, h, hv, c, z = self._merged_sub_terms(named, layer)
                 total = total + z @ (h @ z - 2.0 * hv) + c
-        for store in (self._kfac, self._kfac_top):  # the top blocks are zeroed in _kfac: no double count
-            for layer in store:
-                wb = self._kfac_weight(named, layer)
-                u_a_all, terms = self._kfac_to(layer, wb.device, store)
-                proj = wb @ u_a_all  # (out, sum r_A)
-                for u_g, scale, center, lo, hi in terms:
-                    d = u_g.T @ proj[:, lo:hi] - center  # U_G^T (W - W*) U_A
-                    total = total + (scale * d.square()).sum()
+        for layer in self._kfac:
+            wb = self._kfac_weight(named, layer)
+            u_a_all, terms = self._kfac_to(layer, wb.device)
+            proj = wb @ u_a_all  # (out, sum r_A)
+            for u_g, scale, center, lo, hi in terms:
+                d = u_g.T @ proj[:, lo:hi] - center  # U_G^T (W - W*) U_A
+                total = total + (scale * d.square()).sum()
         return 0.5 * self.lam * total
 
     @torch.no_grad()
@@ -834,43 +792,8 @@ class EWC(TrainerHook):
                     b.grad = torch.zeros_like(b)
                 b.grad.add_(gb, alpha=self.lam)
 
-    def _kfac_decoupled_step(self, trainer: Any) -> None:
-        """``apply="decoupled"``: every ``kfac_refresh = k`` steps the exact KFAC pull is recomputed and
-        spread over the next k steps, applied to the weights after the optimizer step (like AdamW's weight
-        decay), so the optimizer's moments only see the data gradient. Per task the pull over k steps is
-        the exact flow of ``dW/dt = -lr * lam * G_t (W - W*_t) A_t``: in its eigenbasis each coordinate
-        returns by ``1 - exp(-k * lr * lam * s)`` of its distance, so a stiff direction is pulled back at
-        most to the anchor, never past it; the sum over a layer's tasks is divided by
-        ``max(1, sum_t max gain_t)`` so tasks sharing a direction do not overshoot together."""
-        model = trainer.model
-        named = dict(model.named_parameters())
-        cache = self._kfac_cache
-        if cache is None or cache[0] != id(model) or self._kfac_age >= self.kfac_refresh:
-            lrs = {id(p): float(g["lr"]) for g in trainer.optimizer.param_groups for p in g["params"]}
-            pulls: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-            for layer in self._kfac:
-                w = named.get(f"{layer}.weight")
-                if w is None or id(w) not in lrs:
-                    continue
-                rate = self.kfac_refresh * lrs[id(w)] * self.decoupled_lam
-                gain = lambda s, rate=rate: -torch.expm1(-rate * s)  # noqa: E731 - 1 - exp(-rate * s)
-                overlap = max(1.0, sum(float(gain(t[1].max())) for t in self._kfac[layer][1]))
-                gw, gb = self._kfac_grads(named, gain, layers=[layer])[layer]
-                step = -1.0 / (self.kfac_refresh * overlap)
-                pulls[layer] = (gw.mul_(step), None if gb is None else gb.mul_(step))
-            cache = self._kfac_cache = (id(model), pulls)
-            self._kfac_age = 0
-        self._kfac_age += 1
-        for layer, (gw, gb) in cache[1].items():
-            named[f"{layer}.weight"].add_(gw)
-            if gb is not None:
-                named[f"{layer}.bias"].add_(gb)
-
-    def _kfac_grads(self, named: dict[str, nn.Parameter], gain: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    layers: Iterable[str] | None = None, store: dict[str, Any] | None = None
-                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """``sum_t G_t (W - W*_t) A_t`` split into (weight, bias) parts, per covered trainable layer; with
-        ``gain``, each task's eigenvalue products ``S`` are replaced by ``gain(S)``."""
+    def _kfac_grads(self, named: dict[str, nn.Parameter]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``sum_t G_t (W - W*_t) A_t`` split into (weight, bias) parts, per covered trainable layer."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if self._merged:
             merged: dict[str, torch.Tensor] = {}
@@ -878,16 +801,15 @@ class EWC(TrainerHook):
             for layer in self._merged:
                 if f"{layer}.weight" in merged:
                     out[layer] = (merged[f"{layer}.weight"], merged.get(f"{layer}.bias"))
-        store = self._kfac if store is None else store
-        for layer in store if layers is None else layers:
+        for layer in self._kfac:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
                 continue
             wb = self._kfac_weight(named, layer)
-            u_a_all, terms = self._kfac_to(layer, wb.device, store)
+            u_a_all, terms = self._kfac_to(layer, wb.device)
             proj = wb @ u_a_all  # (out, sum r_A)
             for u_g, scale, center, lo, hi in terms:
-                d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale if gain is None else gain(scale))
+                d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale)
                 proj[:, lo:hi] = u_g @ d
             grad = proj @ u_a_all.T  # (out, in [+1])
             out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)

@@ -137,9 +137,6 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
         if fisher in KFAC_KINDS:
             out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
-            if bench.ewc_apply == "decoupled":
-                out.update(ewc_decoupled_lam=bench.ewc_decoupled_lam, ewc_kfac_coupled_rank=bench.ewc_kfac_coupled_rank,
-                           ewc_kfac_coupled_rank_g=bench.ewc_kfac_coupled_rank_g)
             if fisher == "kfac_merged":
                 out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_rank=bench.ewc_kfac_rank)
         elif bench.ewc_normalize != "none":
@@ -162,9 +159,7 @@ def _ewc_hook(bench: Benchmark, mode: Literal["separate", "online"], **overrides
         temperature=bench.ewc_temperature,
         normalize=bench.ewc_kfac_normalize if bench.ewc_fisher in KFAC_KINDS else bench.ewc_normalize,
         kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
-        kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank,
-        decoupled_lam=bench.ewc_decoupled_lam, kfac_coupled_rank=bench.ewc_kfac_coupled_rank,
-        kfac_coupled_rank_g=bench.ewc_kfac_coupled_rank_g)
+        kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)
     return EWC(bench.ewc_lambda, **{**kw, **overrides})
 
 
@@ -279,8 +274,6 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
         for task in bench.tasks:
             ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
     applies = ("grad", "loss") if fisher in KFAC_KINDS else ("grad", "loss", "prox")
-    if bench.ewc_apply == "decoupled":
-        applies += ("decoupled",)
     hooks: dict[str, list[TrainerHook]] = {"plain": []}
     for apply in applies:
         h = _ewc_hook(bench, mode, apply=apply, kfac_refresh=refresh, consolidate_at_task_end=False)
