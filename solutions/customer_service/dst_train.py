@@ -169,19 +169,22 @@ def _system_span(new: list[str], f: TurnFeatures, sys_turn: dict[str, Any] | Non
     return None
 
 
-def perturb_flags(was: torch.Tensor, valid: torch.Tensor, p: float) -> torch.Tensor:
+def perturb_flags(was: torch.Tensor, valid: torch.Tensor, p: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Was-active flags (B, m) of intent examples (column 0 = NONE, ``valid`` marks real candidates) with,
     for a share ``p`` of the rows, the flag moved to another real intent of the same service: the state an
-    earlier wrong decision leaves behind. The gold label stays, so the head learns to switch away from it."""
+    earlier wrong decision leaves behind. The gold label stays, so the head learns to switch away from it.
+    ``generator``: the draws' own random stream (training passes one, so the noise leaves the other heads'
+    initialisation and dropout draws exactly as without it)."""
     other = valid.clone()
     other[:, 0] = False
     other &= was == 0
-    pick = (torch.rand(was.shape[0]) < p) & other.any(1)
+    pick = (torch.rand(was.shape[0], generator=generator) < p) & other.any(1)
     if not pick.any():
         return was
     out = was.clone()
     out[pick] = 0.0
-    out[pick, torch.multinomial(other[pick].float(), 1).squeeze(1)] = 1.0
+    out[pick, torch.multinomial(other[pick].float(), 1, generator=generator).squeeze(1)] = 1.0
     return out
 
 
@@ -209,6 +212,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    flag_gen = torch.Generator().manual_seed(cfg.seed)   # the flag noise's own stream (perturb_flags)
     encoder = encoder.variant(cfg.encoder_int8)
     bank = SchemaBank(schemas, encoder, full=True)
     pairs = list(iter_user_turns(dialogues))
@@ -258,7 +262,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         if heads.intent_reader is not None:
             h, seg, mask = tokens(k)
             pu = heads.intent_reader(h, mask & (seg == 0), M[d]).reshape(n * m, -1)
-        was = perturb_flags(it_w[bt], it_m[bt], cfg.intent_flag_noise) if cfg.intent_flag_noise else it_w[bt]
+        was = perturb_flags(it_w[bt], it_m[bt], cfg.intent_flag_noise, flag_gen) if cfg.intent_flag_noise else it_w[bt]
         x = intent_features(U[k].repeat_interleave(m, 0), S[k].repeat_interleave(m, 0), M[d.reshape(-1)],
                             was.reshape(-1), pu)
         lg = heads.intent(x).view(n, m).masked_fill(~it_m[bt], -1e4)

@@ -38,3 +38,32 @@ def test_no_noise_keeps_the_reference_flags_and_a_share_moves_otherwise() -> Non
     movable = torch.tensor([1.0, 1.0, 0.0, 1.0]).repeat(500)
     assert moved[movable == 0].sum() == 0
     assert 0.15 < float(moved[movable == 1].mean()) < 0.25
+
+
+def test_flag_noise_changes_only_the_intent_head_in_training(tmp_path) -> None:
+    """The noise draws from its own stream: every other head trains bit-identically with and without it
+    (a noisy run is then no new retraining draw of the slot and request heads)."""
+    import random
+
+    import pytest
+
+    from solutions.customer_service.dst import TrackerConfig
+    from solutions.customer_service.encoder import MiniLMEncoder
+    from tests.solutions.customer_service.conftest import SHARED, TINY_SERVICE
+
+    if not SHARED.exists():
+        pytest.skip("shared data not found")
+    from solutions.customer_service.data import load_sgd
+    from solutions.customer_service.dst_train import train_tracker
+
+    tr = load_sgd(SHARED, "train")
+    dialogues = random.Random(2).sample([d for d in tr.dialogues if d["services"] == [TINY_SERVICE]], 4)
+    enc = MiniLMEncoder(cache_dir=tmp_path / "cache")
+    heads = [train_tracker(dialogues, {TINY_SERVICE: tr.schemas[TINY_SERVICE]}, enc,
+                           TrackerConfig(epochs=1, intent_flag_noise=noise)).heads.state_dict()
+             for noise in (0.0, 0.5)]
+    intent = [k for k in heads[0] if k.startswith("intent.")]
+    assert intent and any(not torch.equal(heads[0][k], heads[1][k]) for k in intent)
+    for k in heads[0]:
+        if not k.startswith("intent"):
+            assert torch.equal(heads[0][k], heads[1][k]), k
