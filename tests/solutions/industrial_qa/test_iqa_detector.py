@@ -261,6 +261,36 @@ def test_per_position_bank_flags_a_patch_that_is_normal_only_elsewhere_on_the_pa
     assert float(l_odd) > 3.0                                                 # ~|a - b| = 4.2 from its tile's bank
 
 
+def test_default_tile_bank_searches_only_its_own_cells() -> None:
+    """Default ``local_radius`` 0: a tile's bank holds only its own cells' fit patches. Normal parts
+    carry texture A in grid columns 0-3 (the first tile column) and B in columns 4-7; a B patch in
+    column 3 is far from its tile's bank at radius 0, but close at radius 2 (the widened tile
+    reaches columns 4-5); normal patches are close at both radii."""
+    from solutions.industrial_qa.detector import DetectorConfig
+
+    assert DetectorConfig().local_radius == 0 and DetectorConfig().local_block == 4
+    g = torch.Generator().manual_seed(0)
+    h = w = 8
+    left = (torch.arange(h * w) % w < 4)[None, :, None]                       # (1, h*w, 1)
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 3.0, 3.0
+
+    def parts(n: int) -> torch.Tensor:
+        return torch.where(left, a, b) + 0.1 * torch.randn(n, h * w, 8, generator=g)   # (n, h*w, 8)
+
+    odd = parts(1)
+    odd[0, 2 * w + 3] = b + 0.1 * torch.randn(8, generator=g)                 # B texture at (2, 3)
+    ok = parts(1)
+    dists = {}
+    fit = parts(20)
+    for radius in (0, 2):
+        det = AnomalyDetector(DetectorConfig(bank_dim=0, local_radius=radius, local_bank=128))
+        det._fit_patch_bank(fit, h, w)
+        assert det.memory.shape[0] == 4                                      # 2 x 2 tiles of 4 x 4 cells
+        dists[radius] = (det._knn(odd, h, w)[0, 2 * w + 3], det._knn(ok, h, w)[0].max())
+    (r0_odd, r0_ok), (r2_odd, r2_ok) = dists[0], dists[2]
+    assert float(r0_ok) < 1.0 and float(r2_ok) < 1.0 and float(r2_odd) < 1.0
+    assert float(r0_odd) > 3.0                                                # ~|a - b| = 4.2
 @pytest.mark.parametrize("sigma", [0.0, 1.0, 4.0])
 def test_matrix_upsample_equals_interpolate_then_blur(sigma: float) -> None:
     """The fast map upsampling (two small matmuls) is the same linear map as bilinear + Gaussian blur."""
