@@ -631,3 +631,159 @@ def test_kfac_merged_resume_and_reads_kfac_state(net: Net, tmp_path) -> None:  #
             EWC(1.0, fisher="kfac_merged", kfac_rank=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         EWC(1.0, fisher="kfac_merged", apply="prox")
+
+
+class _FakeTrainer:
+    """What the decoupled KFAC step reads from a trainer: the model and the optimizer (lr, Adam's state)."""
+
+    def __init__(self, model: nn.Module, lr: float, adam: bool = False) -> None:
+        self.model = model
+        self.optimizer = (torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) if adam
+                          else torch.optim.SGD(model.parameters(), lr=lr))
+
+
+def _kfac_two_tasks(net: Net, **kw: object) -> EWC:
+    ewc = EWC(3.0, fisher="kfac", apply="decoupled", kfac_tol=0.0, **kw)  # type: ignore[arg-type]
+    for t, seed in (("a", 41), ("b", 42)):
+        ewc.consolidate(net, loss_fn, task_data(seed), t)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return ewc
+
+
+def test_kfac_decoupled_pull_moves_weights_not_gradients(net: Net) -> None:
+    """apply="decoupled": .grad is left alone (the optimizer only sees the data gradient); after the step the
+    weights move against the exact KFAC gradient (small pull: lr * decoupled_lam * gradient, the tasks'
+    overlap divisor is 1), and a huge pull returns every kept direction to the anchors without overshoot."""
+    ewc = _kfac_two_tasks(net, decoupled_lam=1e-3)
+    trainer = _FakeTrainer(net, lr=0.5)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    ewc.after_backward(trainer)
+    assert all(bool((p.grad == 1).all()) for p in net.parameters())
+    exact = EWC(1.0, fisher="kfac", kfac_tol=0.0)
+    exact.load_state_dict(ewc.state_dict())
+    net.zero_grad(set_to_none=True)
+    exact.penalty(net).backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    ewc.after_step(trainer, 0.0)
+    for p, b in zip(net.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach() - b, -0.5 * 1e-3 * p.grad, rtol=1e-3, atol=1e-7)
+    ewc.decoupled_lam = 1e9
+    ewc.before_task(trainer, "c")
+    pen = float(exact.penalty(net).detach())
+    ewc.after_step(trainer, 0.0)
+    assert float(exact.penalty(net).detach()) < 0.6 * pen  # two tasks, one anchor each: pulled to between them
+    with pytest.raises(ConfigError):
+        EWC(1.0, apply="decoupled")  # KFAC only
+
+
+def test_kfac_decoupled_refreshes_at_1_2_4_then_every_k(net: Net) -> None:
+    """The pull is recomputed at the task's steps 1, 2, 4, then every k (here 3: 7, 10) and spread over
+    the steps until the next refresh; a new task starts the schedule again."""
+    ewc = _kfac_two_tasks(net, decoupled_lam=10.0, kfac_refresh=3)
+    trainer = _FakeTrainer(net, lr=0.1)
+    ewc.before_task(trainer, "c")
+    moves = []
+    for _ in range(8):
+        before = net.head.weight.detach().clone()
+        ewc.after_step(trainer, 0.0)
+        moves.append(net.head.weight.detach() - before)
+    for a, b in ((0, 1), (1, 3), (3, 6)):  # steps 1 | 2 | 4 and 7 start a new pull
+        assert not torch.allclose(moves[a], moves[b])
+    for a, b in ((1, 2), (3, 4), (3, 5)):  # steps 2-3 and 4-6 share one
+        torch.testing.assert_close(moves[a], moves[b])
+    assert (ewc._task_step, ewc._next_refresh) == (8, 10)
+    ewc.before_task(trainer, "d")
+    assert (ewc._task_step, ewc._next_refresh) == (0, 1)
+
+
+def test_kfac_lagged_damping_adds_the_squared_penalty_gradient_to_adams_second_moment() -> None:
+    """damping="lagged": after the optimizer step Adam's exp_avg_sq grows by (1 - beta2) * (c * lam * g)^2, g the
+    exact KFAC gradient at the (refreshed) weights; the first moment and .grad are Adam's own."""
+    runs = {}
+    for damping in ("lagged", "none"):
+        torch.manual_seed(0)
+        model = Net()
+        ewc = _kfac_two_tasks(model, decoupled_lam=0.0, damping=damping, damping_scale=2.0)  # no pull
+        trainer = _FakeTrainer(model, lr=1e-2, adam=True)
+        ewc.before_task(trainer, "c")
+        loss_fn(model, task_data(43)[0]).backward()
+        ewc.after_backward(trainer)
+        trainer.optimizer.step()
+        ewc.after_step(trainer, 0.0)
+        runs[damping] = model, ewc, trainer.optimizer
+    (model, ewc, opt), (_, _, ref) = runs["lagged"], runs["none"]
+    exact = EWC(1.0, fisher="kfac", kfac_tol=0.0)
+    exact.load_state_dict(ewc.state_dict())
+    model.zero_grad(set_to_none=True)
+    exact.penalty(model).backward()  # the exact KFAC gradient at the weights after the step
+    for p, q in zip(model.parameters(), ref.state, strict=True):
+        extra = opt.state[p]["exp_avg_sq"] - ref.state[q]["exp_avg_sq"]
+        assert float(extra.max()) > 0.0
+        torch.testing.assert_close(extra, 0.05 * (2.0 * 3.0 * p.grad) ** 2, rtol=1e-3, atol=1e-10)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="kfac", damping="lagged")  # apply="decoupled" only
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="kfac", apply="decoupled", damping="weird")  # type: ignore[arg-type]
+
+
+def test_kfac_fisher_damping_scales_each_weights_step(net: Net) -> None:
+    """damping="fisher": each weight's optimizer step is multiplied by 1 / (1 + c * Fdiag), Fdiag the summed
+    diagonal of the tasks' Kronecker Fishers (diag(G) outer diag(A), the bias column from A's last entry)."""
+    ewc = _kfac_two_tasks(net, decoupled_lam=0.0, damping="fisher", damping_scale=5.0)
+    fd = sum(torch.outer(fs["head#G"].diagonal(), fs["head#A"].diagonal()) for fs in ewc.fishers.values())
+    want = 1.0 / (1.0 + 5.0 * fd)
+    torch.testing.assert_close(ewc._damp["head.weight"], want[:, :-1])
+    torch.testing.assert_close(ewc._damp["head.bias"], want[:, -1])
+    assert float(want.min()) < 0.9  # the test is not vacuous
+    trainer = _FakeTrainer(net, lr=0.1)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    ewc.after_backward(trainer)
+    trainer.optimizer.step()  # SGD: every weight moves by -0.1
+    ewc.after_step(trainer, 0.0)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], -0.1 * ewc._damp[n])
+
+
+def test_kfac_hessian_damping_is_the_diagonal_of_the_squared_kronecker_sum(net: Net) -> None:
+    """damping="hessian": Adam's exp_avg_sq grows every step by (1 - beta2) * (c * lam * lr)^2 * diag(H^2),
+    H = sum_t G_t (x) A_t the penalty's Hessian (cross terms between tasks included)."""
+    ewc = _kfac_two_tasks(net, decoupled_lam=0.0, damping="hessian", damping_scale=2.0)
+    h = sum(torch.kron(fs["head#G"].double(), fs["head#A"].double()) for fs in ewc.fishers.values())
+    want = ((2.0 * 3.0) ** 2 * (h @ h).diagonal()).view(3, 17).float()  # rows: outputs, columns: [W | b]
+    torch.testing.assert_close(ewc._damp["head.weight"], want[:, :-1])
+    torch.testing.assert_close(ewc._damp["head.bias"], want[:, -1])
+    trainer = _FakeTrainer(net, lr=0.1, adam=True)
+    loss_fn(net, task_data(43)[0]).backward()
+    trainer.optimizer.step()
+    v0 = trainer.optimizer.state[net.head.weight]["exp_avg_sq"].clone()
+    ewc.after_step(trainer, 0.0)
+    torch.testing.assert_close(trainer.optimizer.state[net.head.weight]["exp_avg_sq"] - v0,
+                               0.05 * 0.01 * want[:, :-1], rtol=1e-4, atol=1e-9)
+
+
+def test_kfac_decoupled_split_pull_applies_the_tasks_flows_in_turn(net: Net) -> None:
+    """decoupled_split: a small pull equals the summed one (first order, no overlap divisor needed: 1 here),
+    and a huge one lands on the last task's anchor in its kept directions (each flow a contraction)."""
+    moves = {}
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        ewc = _kfac_two_tasks(model, decoupled_lam=1e-2, decoupled_split=split)
+        before = model.head.weight.detach().clone()
+        ewc.after_step(_FakeTrainer(model, lr=0.1), 0.0)
+        moves[split] = model.head.weight.detach() - before
+    assert float(moves[True].abs().max()) > 1e-5
+    torch.testing.assert_close(moves[True], moves[False], rtol=1e-2, atol=1e-7)
+    ewc.decoupled_lam = 1e9
+    ewc.before_task(None, "c")
+    ewc.after_step(_FakeTrainer(model, lr=0.1), 0.0)
+    u_a_all, terms = ewc._kfac["head"]
+    u_g, _, center, lo, hi = terms[-1]
+    wb = torch.cat([model.head.weight, model.head.bias[:, None]], dim=1).detach()
+    torch.testing.assert_close(u_g.T @ wb @ u_a_all[:, lo:hi], center, rtol=1e-3, atol=1e-4)
