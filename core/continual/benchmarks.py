@@ -75,10 +75,6 @@ class Benchmark:
     ewc_normalize: str = "none"  # FisherNorm of core.continual.ewc: "none", "max" or "mean" per task
     ewc_kfac_tol: float = 1e-3  # eigenvalue cut-off of fisher="kfac" (relative to each factor's largest)
     ewc_kfac_refresh: int = 1  # fisher="kfac", apply="grad": exact penalty gradient every this many steps
-    ewc_decoupled_lam: float = 100.0  # fisher="kfac", apply="decoupled": strength of the lagged pull (x lr)
-    ewc_damping: str = "none"  # apply="decoupled": Adam's damping, "none" | "lagged" | "fisher"
-    ewc_damping_scale: float = 1.0  # ... its scale c
-    ewc_decoupled_split: bool = False  # apply="decoupled": the tasks' pulls one after the other (no divisor)
     ewc_kfac_normalize: str = "none"  # FisherNorm used instead of ewc_normalize for the kfac kinds
     ewc_kfac_block_max: int = 128  # fisher="kfac_merged": largest per-unit block side (else diagonal)
     ewc_kfac_rank: int = 0  # fisher="kfac_merged": rank of the shared Kronecker subspace part (0 = none)

@@ -44,17 +44,6 @@ def continual_eval(
     ewc_kfac_tol: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="KFAC EWC: keep each factor's "
                                                        "eigenvalues >= this times its largest (smaller rank = "
                                                        "cheaper step).")] = None,
-    ewc_apply: Annotated[str | None, typer.Option(help="Override how the EWC penalty is applied: grad | loss | "
-                                                  "prox | decoupled (KFAC: the lagged exact pull applied to the "
-                                                  "weights after the optimizer step, every --ewc-kfac-refresh steps).")] = None,
-    ewc_decoupled_lam: Annotated[float | None, typer.Option(min=0.0, help="--ewc-apply decoupled: strength of the "
-                                                           "lagged pull (times the lr).")] = None,
-    ewc_damping: Annotated[str | None, typer.Option(help="--ewc-apply decoupled: Adam's damping: none | lagged "
-                                                    "(lagged penalty gradient squared into exp_avg_sq) | fisher "
-                                                    "(step scaled by 1 / (1 + c Fdiag)).")] = None,
-    ewc_damping_scale: Annotated[float | None, typer.Option(min=0.0, help="--ewc-damping: its scale c.")] = None,
-    ewc_decoupled_split: Annotated[bool, typer.Option(help="--ewc-apply decoupled: the tasks' pulls one after "
-                                                      "the other (operator splitting).")] = False,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
                                                    "empirical_per_sample | true | kfac | kfac_merged (also for the +replay combinations).")] = None,
 ) -> None:
@@ -88,20 +77,6 @@ def continual_eval(
                               "kfac or kfac_merged")
         bench.ewc_fisher = ewc_fisher
         bench.replay_ewc_fisher = None  # the combinations too
-    if ewc_apply is not None:
-        if ewc_apply not in ("grad", "loss", "prox", "decoupled"):
-            raise ConfigError(f"unknown EWC apply {ewc_apply!r}; choose grad, loss, prox or decoupled")
-        bench.ewc_apply = ewc_apply
-    if ewc_decoupled_lam is not None:
-        bench.ewc_decoupled_lam = ewc_decoupled_lam
-    if ewc_damping is not None:
-        if ewc_damping not in ("none", "lagged", "fisher", "hessian"):
-            raise ConfigError(f"unknown EWC damping {ewc_damping!r}; choose none, lagged, fisher or hessian")
-        bench.ewc_damping = ewc_damping
-    if ewc_damping_scale is not None:
-        bench.ewc_damping_scale = ewc_damping_scale
-    if ewc_decoupled_split:
-        bench.ewc_decoupled_split = True
     if ewc_kfac_refresh is not None:
         bench.ewc_kfac_refresh = ewc_kfac_refresh
     if ewc_kfac_rank is not None:

@@ -58,8 +58,7 @@ from core.errors import ConfigError, DataError
 from core.train.hooks import TrainerHook
 
 EWCMode = Literal["separate", "online"]
-ApplyMode = Literal["grad", "loss", "prox", "decoupled"]
-DampingKind = Literal["none", "lagged", "fisher", "hessian"]
+ApplyMode = Literal["grad", "loss", "prox"]
 FisherKind = Literal["empirical", "empirical_per_sample", "true", "kfac", "kfac_merged"]
 KFAC_KINDS = ("kfac", "kfac_merged")  # Fisher kinds estimated as Kronecker factors (stored as #A / #G)
 KFAC_EXACT_CLASSES = 32  # up to this many classes the KFAC G factor sums over every label exactly
@@ -152,16 +151,6 @@ class EWC(TrainerHook):
             a mini-batch step of a wide layer; refreshing every k steps divides that by k. Unsafe with
             Adam: on permuted-digits k = 16 made training collapse (the stale gradient overshoots in
             stiff directions and its bursts swamp Adam's second moment), so only for small k or SGD.
-        decoupled_lam: ``apply="decoupled"`` (``fisher="kfac"`` only; ninth-round experiment): the lagged exact
-            KFAC pull applied to the weights after the optimizer step (see ``_kfac_decoupled_step``), strength
-            ``decoupled_lam * lr``; recomputed at the task's steps 1, 2, 4, ... then every ``kfac_refresh``.
-        damping: ``apply="decoupled"``: Adam's damping without the coupled gradient: ``"lagged"`` adds
-            ``(1 - beta2) * (damping_scale * lam * g_lag)^2`` to ``exp_avg_sq`` after every step (``g_lag`` the
-            exact KFAC gradient of the last refresh); ``"fisher"`` scales each weight's optimizer step by
-            ``1 / (1 + damping_scale * Fdiag)`` (``Fdiag`` the summed Kronecker diagonal); ``"hessian"`` adds
-            ``(1 - beta2) * (damping_scale * lam * lr)^2 * diag(H^2)`` (``H = sum_t G_t (x) A_t``).
-        decoupled_split: ``apply="decoupled"``: the tasks' exact flows applied one after the other (operator
-            splitting) instead of their sum divided by the tasks' overlap.
         kfac_block_max: ``fisher="kfac_merged"`` only: the largest block side: a layer whose smaller
             side (``in + 1`` or ``out``) exceeds it gets the diagonal (memory ``numel * side`` per layer).
         kfac_rank: ``fisher="kfac_merged"`` only: > 0 adds to every layer's block / diagonal penalty the
@@ -192,10 +181,6 @@ class EWC(TrainerHook):
         normalize: FisherNorm = "none",
         kfac_tol: float = 1e-3,
         kfac_refresh: int = 1,
-        decoupled_lam: float = 100.0,
-        damping: DampingKind = "none",
-        damping_scale: float = 1.0,
-        decoupled_split: bool = False,
         kfac_block_max: int = 128,
         kfac_rank: int = 0,
     ) -> None:
@@ -205,15 +190,7 @@ class EWC(TrainerHook):
             raise ConfigError("EWC fisher must be empirical, empirical_per_sample, true, kfac or kfac_merged, "
                               f"not {fisher!r}")
         if fisher in KFAC_KINDS and (apply == "prox" or temperature != 1.0):
-            raise ConfigError(f"EWC fisher={fisher!r} supports apply='grad', 'loss' or 'decoupled', no temperature")
-        if apply == "decoupled" and fisher != "kfac":
-            raise ConfigError("EWC apply='decoupled' needs fisher='kfac'")
-        if damping not in ("none", "lagged", "fisher", "hessian"):
-            raise ConfigError(f"EWC damping must be 'none', 'lagged', 'fisher' or 'hessian', not {damping!r}")
-        if damping != "none" and apply != "decoupled":
-            raise ConfigError("EWC damping goes with apply='decoupled' (the coupled penalty damps Adam itself)")
-        if not decoupled_lam >= 0.0 or not damping_scale >= 0.0:
-            raise ConfigError("EWC needs decoupled_lam >= 0 and damping_scale >= 0")
+            raise ConfigError(f"EWC fisher={fisher!r} supports apply='grad' or 'loss', no temperature")
         if isinstance(kfac_block_max, bool) or not isinstance(kfac_block_max, int) or kfac_block_max < 0:
             raise ConfigError(f"EWC kfac_block_max must be an integer >= 0, not {kfac_block_max!r}")
         if isinstance(kfac_rank, bool) or not isinstance(kfac_rank, int) or kfac_rank < 0:
@@ -222,8 +199,8 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC kfac_refresh must be an integer >= 1, not {kfac_refresh!r}")
         if not 0.0 <= kfac_tol < 1.0:
             raise ConfigError(f"EWC kfac_tol must be in [0, 1), not {kfac_tol!r}")
-        if apply not in ("grad", "loss", "prox", "decoupled"):
-            raise ConfigError(f"EWC apply must be 'grad', 'loss', 'prox' or 'decoupled', not {apply!r}")
+        if apply not in ("grad", "loss", "prox"):
+            raise ConfigError(f"EWC apply must be 'grad', 'loss' or 'prox', not {apply!r}")
         if lam < 0 or not 0.0 <= decay <= 1.0:
             raise ConfigError("EWC needs lam >= 0 and 0 <= decay <= 1")
         if not temperature > 0.0:
@@ -247,18 +224,6 @@ class EWC(TrainerHook):
         self.kfac_refresh = kfac_refresh
         self._kfac_cache: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
         self._kfac_age = 0
-        # apply="decoupled": the pull strength, the step within the task and the next refresh (the pull is
-        # recomputed at steps 1, 2, 4, ... then every kfac_refresh), and Adam's damping: "lagged" adds
-        # (1 - beta2) * (damping_scale * lam * g_lag)^2 to exp_avg_sq every step (g_lag: the exact KFAC
-        # gradient of the last refresh, {param: that square}); "fisher" scales each weight's optimizer step
-        # by 1 / (1 + damping_scale * Fdiag) ({param: that factor}, from the summed Kronecker diagonal)
-        self.decoupled_lam, self.damping, self.damping_scale = float(decoupled_lam), damping, float(damping_scale)
-        self._task_step, self._next_refresh = 0, 1
-        # decoupled_split: the pull is the tasks' exact flows applied one after the other (operator splitting:
-        # each a contraction towards its anchor, so no overlap divisor is needed), not their divided sum
-        self.decoupled_split = bool(decoupled_split)
-        self._damp: dict[str, torch.Tensor] = {}
-        self._before: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
         self.fisher_samples = fisher_samples
         self.consolidate_at_task_end = consolidate_at_task_end
@@ -304,16 +269,8 @@ class EWC(TrainerHook):
         self.last_penalty = float(pen.detach())
         return loss + pen.to(loss.dtype)
 
-    def before_task(self, trainer: Any, task_id: str) -> None:
-        self._task_step, self._next_refresh, self._kfac_cache = 0, 1, None
-
     @torch.no_grad()
     def after_backward(self, trainer: Any) -> None:
-        if self.apply == "decoupled" and self.damping == "fisher" and self._kfac:
-            named = dict(trainer.model.named_parameters())
-            self._before = [(named[n], named[n].detach().clone(), f.to(named[n].device))
-                            for n, f in self._damp.items() if n in named and named[n].requires_grad]
-            return
         if self.apply != "grad" or not (self._weight or self._kfac or self._merged) or self.lam == 0.0:
             return
         if self.fisher_kind in KFAC_KINDS:
@@ -329,9 +286,6 @@ class EWC(TrainerHook):
 
     @torch.no_grad()
     def after_step(self, trainer: Any, loss: float) -> None:
-        if self.apply == "decoupled" and self._kfac:
-            self._kfac_decoupled_step(trainer)
-            return
         if self.apply != "prox" or not self._weight or self.lam == 0.0:
             return
         params, weights, centers = self._bind(trainer.model)
@@ -456,11 +410,8 @@ class EWC(TrainerHook):
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
         self._kfac, self._merged, self._merged_sub, self._kfac_cache = {}, {}, {}, None
-        self._damp, self._before = {}, []
         if self.fisher_kind == "kfac":
             self._kfac_rebuild()
-            if self.damping in ("fisher", "hessian"):
-                self._fisher_damping_rebuild()
             return
         if self.fisher_kind == "kfac_merged":
             self._merged_rebuild()
@@ -841,117 +792,6 @@ class EWC(TrainerHook):
                     b.grad = torch.zeros_like(b)
                 b.grad.add_(gb, alpha=self.lam)
 
-    def _fisher_damping_rebuild(self) -> None:
-        """``damping="fisher"``: per covered weight ``1 / (1 + damping_scale * Fdiag)``, ``Fdiag`` the diagonal
-        of the summed (normalised) Kronecker Fisher, ``sum_t diag(G_t) diag(A_t)^T`` (untruncated)."""
-        sums: dict[str, torch.Tensor] = {}
-        factors = [(key[:-2], fs[f"{key[:-2]}#G"].double(), fs[key].double()) for fs in self.fishers.values()
-                   for key in fs if key.endswith("#A")]
-        for layer, g, a in factors:
-            if self.damping == "fisher":
-                d = torch.outer(g.diagonal(), a.diagonal())
-            else:  # diag(H^2), H = sum_t G_t (x) A_t: sum over task pairs of diag(G_t G_u) (x) diag(A_t A_u)
-                d = sum(torch.outer((g * g2).sum(1), (a * a2).sum(1)) for layer2, g2, a2 in factors if layer2 == layer)
-            sums[layer] = sums[layer] + d if layer in sums else d
-        for layer, d in sums.items():
-            f = (1.0 / (1.0 + self.damping_scale * d) if self.damping == "fisher"
-                 else (self.damping_scale * self.lam) ** 2 * d).float()
-            self._damp[f"{layer}.weight"] = f[:, : f.shape[1] - 1] if f"{layer}.bias" in self.anchors[self.tasks[-1]] \
-                else f
-            if f"{layer}.bias" in self.anchors[self.tasks[-1]]:
-                self._damp[f"{layer}.bias"] = f[:, -1].contiguous()
-
-    def _kfac_decoupled_step(self, trainer: Any) -> None:
-        """``apply="decoupled"``, after ``optimizer.step()``: (1) Adam's damping (``damping``), then (2) the
-        lagged exact KFAC pull, applied to the weights like AdamW's weight decay, so the optimizer's moments
-        only see the data gradient. The pull is recomputed at the task's steps 1, 2, 4, ... and then every
-        ``kfac_refresh = k`` steps, and spread over the steps until the next refresh (``span``): per task it
-        is the exact flow of ``dW/dt = -lr * decoupled_lam * G_t (W - W*_t) A_t`` over ``span`` steps (in its
-        eigenbasis each coordinate returns by ``1 - exp(-span * lr * decoupled_lam * s)``, never past the
-        anchor), divided by ``max(1, sum_t max gain)`` so tasks sharing a direction do not overshoot
-        together."""
-        model = trainer.model
-        named = dict(model.named_parameters())
-        if self.damping == "fisher":  # the optimizer's step of each weight scaled by 1 / (1 + c Fdiag)
-            for p, old, f in self._before:
-                p.copy_(old.lerp_(p, f))
-            self._before = []
-        self._task_step += 1
-        cache = self._kfac_cache
-        if cache is None or cache[0] != id(model) or self._task_step >= self._next_refresh:
-            span = min(self.kfac_refresh, self._task_step)
-            self._next_refresh = self._task_step + span
-            lrs = {id(p): float(g["lr"]) for g in trainer.optimizer.param_groups for p in g["params"]}
-            pulls: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-            for layer in self._kfac:
-                w = named.get(f"{layer}.weight")
-                if w is None or id(w) not in lrs:
-                    continue
-                rate = span * lrs[id(w)] * self.decoupled_lam
-                gain = lambda s, rate=rate: -torch.expm1(-rate * s)  # noqa: E731 - 1 - exp(-rate * s)
-                overlap = max(1.0, sum(float(gain(t[1].max())) for t in self._kfac[layer][1]))
-                # the pull and (lagged damping) the exact gradient, sharing one projection onto the tasks' bases
-                if self.decoupled_split:
-                    gw, gb = self._kfac_split_flow(named, layer, gain)
-                    exact = self._kfac_multi_grads(named, layer, [None]) if self.damping == "lagged" else []
-                    overlap = 1.0
-                else:
-                    (gw, gb), *exact = self._kfac_multi_grads(named, layer,
-                                                              [gain] + [None] * (self.damping == "lagged"))
-                step = -1.0 / (span * overlap)
-                pulls[layer] = (gw.mul_(step), None if gb is None else gb.mul_(step))
-                for part, g in zip(("weight", "bias"), exact[0] if exact else (None, None), strict=True):
-                    if g is not None:
-                        self._damp[f"{layer}.{part}"] = g.mul_(self.damping_scale * self.lam).square_()
-            cache = self._kfac_cache = (id(model), pulls)
-        if self.damping in ("lagged", "hessian"):
-            # exp_avg_sq += (1 - beta2) * (c * lam * g_lag)^2 (lagged) or (c * lam * lr)^2 diag(H^2) (hessian)
-            groups = {id(p): g for g in trainer.optimizer.param_groups if "betas" in g for p in g["params"]}
-            for name, sq in self._damp.items():
-                p = named[name]
-                v = trainer.optimizer.state.get(p, {}).get("exp_avg_sq")
-                if v is not None and id(p) in groups:
-                    lr2 = float(groups[id(p)]["lr"]) ** 2 if self.damping == "hessian" else 1.0
-                    v.add_(sq, alpha=(1.0 - groups[id(p)]["betas"][1]) * lr2)
-        for layer, (gw, gb) in cache[1].items():
-            named[f"{layer}.weight"].add_(gw)
-            if gb is not None:
-                named[f"{layer}.bias"].add_(gb)
-
-    def _kfac_split_flow(self, named: dict[str, nn.Parameter], layer: str,
-                         gain: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[W | b] - flow_T(... flow_1([W | b]))``, ``flow_t`` task t's exact pull over the span
-        (``X <- X - U_G (gain(S) * U_G^T (X - X*_t) U_A) U_A^T``), split into (weight, bias)."""
-        w, b = named[f"{layer}.weight"], named.get(f"{layer}.bias")
-        wb = self._kfac_weight(named, layer).detach()
-        x = wb.clone()
-        u_a_all, terms = self._kfac_to(layer, wb.device)
-        for u_g, scale, center, lo, hi in terms:
-            u_a = u_a_all[:, lo:hi]
-            d = torch.addmm(center, u_g.T, x @ u_a, beta=-1.0)  # U_G^T (X - X*) U_A
-            x.addmm_(u_g @ (d * gain(scale)), u_a.T, alpha=-1.0)
-        diff = wb - x
-        return diff[:, : w.shape[1]], diff[:, -1] if b is not None and b.requires_grad else None
-
-    def _kfac_multi_grads(self, named: dict[str, nn.Parameter], layer: str,
-                          gains: Sequence[Callable[[torch.Tensor], torch.Tensor] | None]
-                          ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """``sum_t U_G (gain(S_t) * U_G^T (W - W*_t) U_A) U_A^T`` of one layer, split into (weight, bias), for
-        each gain (``None``: ``S`` itself, the exact KFAC gradient); the projection ``[W | b] U_A`` and the last
-        product are shared (one ``(len(gains) * out) x sum r_A`` matmul)."""
-        w, b = named[f"{layer}.weight"], named.get(f"{layer}.bias")
-        wb = self._kfac_weight(named, layer)
-        u_a_all, terms = self._kfac_to(layer, wb.device)
-        proj = wb @ u_a_all  # (out, sum r_A)
-        outs = [torch.empty_like(proj) for _ in gains]
-        for u_g, scale, center, lo, hi in terms:
-            d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0)  # U_G^T (W - W*) U_A
-            for o, gain in zip(outs, gains, strict=True):
-                o[:, lo:hi] = u_g @ (d * (scale if gain is None else gain(scale)))
-        grads = (torch.cat(outs) if len(outs) > 1 else outs[0]) @ u_a_all.T  # (len(gains) * out, in [+1])
-        return [(g[:, : w.shape[1]], g[:, -1] if b is not None and b.requires_grad else None)
-                for g in grads.split(proj.shape[0])]
-
     def _kfac_grads(self, named: dict[str, nn.Parameter]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """``sum_t G_t (W - W*_t) A_t`` split into (weight, bias) parts, per covered trainable layer."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -962,9 +802,17 @@ class EWC(TrainerHook):
                 if f"{layer}.weight" in merged:
                     out[layer] = (merged[f"{layer}.weight"], merged.get(f"{layer}.bias"))
         for layer in self._kfac:
-            w = named.get(f"{layer}.weight")
-            if w is not None and w.requires_grad:
-                out[layer] = self._kfac_multi_grads(named, layer, [None])[0]
+            w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
+            if w is None or not w.requires_grad:
+                continue
+            wb = self._kfac_weight(named, layer)
+            u_a_all, terms = self._kfac_to(layer, wb.device)
+            proj = wb @ u_a_all  # (out, sum r_A)
+            for u_g, scale, center, lo, hi in terms:
+                d = torch.addmm(center, u_g.T, proj[:, lo:hi], beta=-1.0).mul_(scale)
+                proj[:, lo:hi] = u_g @ d
+            grad = proj @ u_a_all.T  # (out, in [+1])
+            out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
         return out
 
     # -- checkpoint state ----------------------------------------------------------------------

@@ -137,9 +137,6 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
         if fisher in KFAC_KINDS:
             out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
-            if bench.ewc_apply == "decoupled":
-                out.update(ewc_decoupled_lam=bench.ewc_decoupled_lam, ewc_damping=bench.ewc_damping,
-                           ewc_damping_scale=bench.ewc_damping_scale)
             if fisher == "kfac_merged":
                 out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_rank=bench.ewc_kfac_rank)
         elif bench.ewc_normalize != "none":
@@ -162,11 +159,7 @@ def _ewc_hook(bench: Benchmark, mode: Literal["separate", "online"], **overrides
         temperature=bench.ewc_temperature,
         normalize=bench.ewc_kfac_normalize if bench.ewc_fisher in KFAC_KINDS else bench.ewc_normalize,
         kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
-        kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank,
-        decoupled_lam=bench.ewc_decoupled_lam, damping=bench.ewc_damping, damping_scale=bench.ewc_damping_scale,
-        decoupled_split=bench.ewc_decoupled_split)
-    if overrides.get("apply", kw["apply"]) != "decoupled":
-        kw["damping"] = "none"
+        kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)
     return EWC(bench.ewc_lambda, **{**kw, **overrides})
 
 
@@ -240,7 +233,7 @@ def metrics(matrix: list[list[float]], base: list[float]) -> dict[str, Any]:
 
 class _StepTimer(TrainerHook):
     """Wall time from ``before_step`` to ``after_step``: forward, penalty, backward, optimizer step and, as the
-    last hook of its trainer, the other hooks' ``after_step`` (``apply="prox"`` / ``"decoupled"`` act there)."""
+    last hook of its trainer, the other hooks' ``after_step`` (``apply="prox"`` acts there)."""
 
     name = "step_timer"
 
@@ -282,15 +275,13 @@ def step_time_ratio(bench: Benchmark, mode: Literal["separate", "online"], *, ro
         for task in bench.tasks:
             ewc.consolidate(model, loss_fn, TensorLoader(task.train, bench.batch_size, seed=seed), task.name)
     applies = ("grad", "loss") if fisher in KFAC_KINDS else ("grad", "loss", "prox")
-    if bench.ewc_apply == "decoupled":
-        applies += ("decoupled",)
     hooks: dict[str, list[TrainerHook]] = {"plain": []}
     for apply in applies:
         h = _ewc_hook(bench, mode, apply=apply, kfac_refresh=refresh, consolidate_at_task_end=False)
         h.load_state_dict(ewc.state_dict())
         hooks[apply] = [h]
     timers = {k: _StepTimer() for k in hooks}
-    # the timer goes last: its after_step must run after the EWC hook's (apply="prox" / "decoupled" act there)
+    # the timer goes last: its after_step must run after the EWC hook's (apply="prox" acts there)
     trainers = {k: make_trainer(copy.deepcopy(model), lr=bench.lr, hooks=[*h, timers[k]], device=device,
                                 optimizer=bench.optimizer) for k, h in hooks.items()}
     loader = TensorLoader(bench.tasks[-1].train, bench.batch_size, seed=seed)
