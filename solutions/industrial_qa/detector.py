@@ -83,7 +83,8 @@ class DetectorConfig:
     def tiny(cls) -> DetectorConfig:
         """A seconds-to-train config (64 px, narrow net, 6 SSL steps) for tests and plumbing
         measurements (`verticals capacity --tiny-models`): exercises every stage, not quality."""
-        return cls(features=FeatureConfig(image_size=64, widths=(8, 16, 24, 32), steps=6, batch_size=4),
+        # feature_pool 3: 5x5 cells of an 8x8 map (64 px) would blur away where a defect is
+        return cls(features=FeatureConfig(image_size=64, widths=(8, 16, 24, 32), steps=6, batch_size=4, feature_pool=3),
                    coreset_size=64, local_bank=64, min_holdout=4, batch_size=8, coarse_grid=4, coarse_bank=64)
 
     def use_backbone(self, path: str | Path) -> DetectorConfig:

@@ -44,10 +44,19 @@ class FeatureConfig:
     # "max" = 1 when any is (a thin scratch then counts as fully defective, not as ~0.2), "mix" =
     # their average (chosen on `validate` over two seeds: AUPRO 0.86 vs 0.77, image AUROC equal)
     seg_target: str = "mix"
+    # k x k local averaging of the patch features (PatchCore's 3x3 neighbourhood context; odd k, 1 = off).
+    # Inference only: the pretext head sees the unpooled features, so the SSL step is unchanged.
+    # 5 chosen on `validate` over three SSL seeds (pixel AUROC +0.008 on every seed, image AUROC
+    # equal, AUPRO -0.005; 7 trades further, 1 the other way: BENCHMARKS)
+    feature_pool: int = 5
     # a user-supplied ImageNet ResNet checkpoint (backbone.py) replaces the self-supervised net:
     # path as given, and the architecture detected from it (set by AnomalyDetector.fit)
     backbone: str = ""
     backbone_arch: str = ""
+
+    def __post_init__(self) -> None:
+        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
+            raise ValueError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,6 +69,7 @@ class FeatureConfig:
         d["widths"] = tuple(d.get("widths", cls.widths))
         d.setdefault("input_norm", "dataset")  # models saved before the option existed
         d.setdefault("seg_target", "mean")  # models trained before the option: fraction targets
+        d.setdefault("feature_pool", 3)  # models saved before the option: 3x3
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -108,8 +118,10 @@ class FeatureNet(nn.Module):
         feats = torch.cat([F.avg_pool2d(f2, 2), f3, F.interpolate(f4, size=size, mode="bilinear",
                                                                   align_corners=False)], dim=1)
         logits = self.head(feats)
-        # 3x3 local averaging gives each patch feature some neighbourhood context (PatchCore).
-        feats = F.avg_pool2d(feats, 3, 1, 1, count_include_pad=False)
+        # k x k local averaging gives each patch feature some neighbourhood context (PatchCore: 3x3)
+        k = self.cfg.feature_pool
+        if k > 1:
+            feats = F.avg_pool2d(feats, k, 1, k // 2, count_include_pad=False)
         return feats, logits
 
 

@@ -508,3 +508,27 @@ def test_pretext_targets_count_a_thin_scratch_as_defective_in_mix_and_max_modes(
         _seg_target(m, (2, 2), "median")
     assert FeatureConfig().seg_target == "mix"
     assert FeatureConfig.from_dict({"image_size": 64}).seg_target == "mean"
+
+
+def test_feature_pool_smooths_the_patch_features_but_not_the_pretext_logits() -> None:
+    """``feature_pool`` k averages the patch features over k x k cells (larger k: neighbouring cells
+    more alike), keeps the map size, and leaves the pretext head's logits (what SSL trains) unchanged;
+    the default is 5, models saved before the option load with PatchCore's 3x3; even sizes are refused."""
+    from solutions.industrial_qa.features import FeatureConfig, FeatureNet
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    state = FeatureNet(FeatureConfig(image_size=64, widths=(8, 16, 24, 32))).eval().state_dict()
+    out = {}
+    for k in (1, 3, 5):
+        net = FeatureNet(FeatureConfig(image_size=64, widths=(8, 16, 24, 32), feature_pool=k)).eval()
+        net.load_state_dict(state)
+        with torch.no_grad():
+            out[k] = net(x)
+    rough = {k: float((f[..., 1:, :] - f[..., :-1, :]).abs().mean()) for k, (f, _) in out.items()}
+    assert all(f.shape == out[1][0].shape for f, _ in out.values())
+    assert rough[1] > rough[3] > rough[5]
+    assert torch.equal(out[1][1], out[5][1]) and torch.equal(out[3][1], out[5][1])
+    assert FeatureConfig().feature_pool == 5 and FeatureConfig.from_dict({"image_size": 64}).feature_pool == 3
+    with pytest.raises(ValueError, match="feature_pool"):
+        FeatureConfig(feature_pool=4)
