@@ -14,11 +14,13 @@ def test_full_evaluate_unsupervised_and_few_shot(iqa_src: Path, tmp_home: Path) 
     base = evaluate(iqa_src, few_shot=0, speed=False)
     assert base["n_test"] == 384 and base["pixel_auroc"] is not None
     # floors under the measured figures (docs/BENCHMARKS.md: 0.918 image / 0.775 pixel AUROC with 5x5
-    # feature pooling, 0.920 / 0.762 with 3x3 and the per-position memory bank at tile radius 0, 0.915 / 0.749 at radius 2, 0.894 / 0.741 with one global bank, 0.895 / 0.735 with the part-level
-    # term at the plain std, 0.893 / 0.697 without it, 0.889-0.890 / 0.662-0.663 with "mean" pretext targets,
-    # 0.835 / 0.637 with the dataset input normalisation, 0.761 / 0.571 with the old 150-step model):
-    # chance is 0.5, so a broken pipeline, misaligned maps or a regression fail here
-    assert base["image_auroc"] > 0.88 and base["pixel_auroc"] > 0.66
+    # feature pooling, 0.920 / 0.762 with 3x3 and the per-position memory bank at tile radius 0,
+    # 0.915 / 0.749 at radius 2 (0.910 / 0.756 with a second VM's SSL net), 0.894 / 0.741 with
+    # one global bank, 0.895 / 0.735 with the part-level term at the plain std, 0.893 / 0.697 without
+    # it, 0.889-0.890 / 0.662-0.663 with "mean" pretext targets, 0.835 / 0.637 with the dataset input
+    # normalisation, 0.761 / 0.571 with the old 150-step model): chance is 0.5, so a broken pipeline,
+    # misaligned maps or a regression fail here; pixel floor 0.66 -> 0.70 with the 5x5 pooling
+    assert base["image_auroc"] > 0.88 and base["pixel_auroc"] > 0.70
     few = evaluate(iqa_src, few_shot=50, speed=False)  # reuses the stored model
     assert few["trained_now"] is False and few["n_test"] == 334
     # the nested CV keeps the unsupervised score unless a head is confidently better (measured: the
