@@ -131,7 +131,7 @@ def bench(
     c = time.process_time()
     batched = batched_rate(tracker)
     batched_cpu = len(pairs) / (time.process_time() - c)
-    res: dict = {"turns": len(pairs), "encoder": "int8" if enc.quantized else "fp32",
+    res: dict = {"turns": len(pairs), "encoder": "int8" if enc.quantized else "fp32", "ensemble": tracker.cfg.ensemble,
                  "matmuls": "int8" if enc.quantized else "bf16" if enc.bf16 else "fp32",
                  "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
                  "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
@@ -151,6 +151,12 @@ def bench(
         rates = {"this": batched_rate(tracker), f"encoder_{'fp32' if enc.quantized else 'int8'}": batched_rate(other),
                  "64_pairs_per_call": batched_rate(tracker, 64),
                  "heads_one_turn_per_call": batched_rate(tracker, head_batch=1)}
+        if len(tracker.heads.members):  # the main heads alone (what the seed ensemble costs)
+            import copy
+
+            solo = copy.deepcopy(tracker.heads)
+            solo.members = type(solo.members)()
+            rates["heads_without_ensemble"] = batched_rate(DialogueStateTracker(solo, tracker.cfg, enc))
         if enc.bf16:  # the same fp32 weights with fp32 matmuls (what an AVX2-only CPU runs)
             enc.bf16 = False
             try:

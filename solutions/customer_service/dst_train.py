@@ -29,6 +29,7 @@ from solutions.customer_service.dst import (
     encode_pairs,
     intent_features,
     lexical_features,
+    member_seed,
 )
 from solutions.customer_service.encoder import MiniLMEncoder
 
@@ -223,7 +224,11 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     S = torch.from_numpy(np.stack([f.s for f in feats])).float()
     M = bank.matrix  # (P, 384) description embeddings
     heads = TrackerHeads(cfg)
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    # The module whose intent / slot heads the intent and status losses train, and the flag noise's stream:
+    # the main heads first, then each ensemble member (``cfg.ensemble``).
+    cur: dict[str, Any] = {"m": heads, "gen": flag_gen}
+    opt = torch.optim.AdamW([p for n, p in heads.named_parameters() if not n.startswith("members.")],
+                            lr=cfg.lr, weight_decay=1e-4)
     heads.train()
     ce, bce = nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()
     # Unweighted: every false "update" breaks the joint goal for the rest of the dialogue, so the
@@ -259,13 +264,15 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         k, d, m = it_k[bt], it_d[bt], it_d.shape[1]
         n = len(b)
         pu = None
-        if heads.intent_reader is not None:
+        mod = cur["m"]
+        if mod.intent_reader is not None:
             h, seg, mask = tokens(k)
-            pu = heads.intent_reader(h, mask & (seg == 0), M[d]).reshape(n * m, -1)
-        was = perturb_flags(it_w[bt], it_m[bt], cfg.intent_flag_noise, flag_gen) if cfg.intent_flag_noise else it_w[bt]
+            pu = mod.intent_reader(h, mask & (seg == 0), M[d]).reshape(n * m, -1)
+        was = (perturb_flags(it_w[bt], it_m[bt], cfg.intent_flag_noise, cur["gen"]) if cfg.intent_flag_noise
+               else it_w[bt])
         x = intent_features(U[k].repeat_interleave(m, 0), S[k].repeat_interleave(m, 0), M[d.reshape(-1)],
                             was.reshape(-1), pu)
-        lg = heads.intent(x).view(n, m).masked_fill(~it_m[bt], -1e4)
+        lg = mod.intent(x).view(n, m).masked_fill(~it_m[bt], -1e4)
         return ce(lg, it_y[bt])
 
     def tokens(ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,7 +295,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         bt = torch.tensor(b)
         r, f = st[bt], st_f[bt]
         h, seg, mask = tokens(r[:, 0])
-        lg, rq = heads.slot(h, seg, mask, M[r[:, 1]], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1])
+        lg, rq = cur["m"].slot(h, seg, mask, M[r[:, 1]], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1])
         return status_ce(lg, st_y[bt]) + bce(rq, rq_y[bt])
 
     def loss_status(b: list[int]) -> torch.Tensor:
@@ -297,7 +304,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         rows = torch.cat([torch.full((len(st_groups[i]),), j, dtype=torch.long) for j, i in enumerate(b)])
         r, f = st[bt], st_f[bt]
         h, seg, mask = tokens(torch.tensor(ks))
-        lg, rq = heads.slot(h, seg, mask, M[r[:, 1]], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1], rows=rows)
+        lg, rq = cur["m"].slot(h, seg, mask, M[r[:, 1]], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1], rows=rows)
         return status_ce(lg, st_y[bt]) + bce(rq, rq_y[bt])
 
     def loss_value(b: list[int]) -> torch.Tensor:
@@ -326,13 +333,28 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     tok_len = {"intent": [len(feats[e[0]].seg) for e in ex.intent] if heads.intent_reader is not None else None,
                "status": [len(feats[k_].seg) for k_ in st_turns] if GROUP_STATUS_BY_TURN
                else [len(feats[e[0]].seg) for e in ex.status], "span": [len(feats[e[0]].seg) for e in ex.span]}
-    steps = [(name, fn, b) for _ in range(cfg.epochs) for name, fn, n, bs in plan
-             for b in _batches(n, bs, rng, tok_len.get(name))]
-    rng.shuffle(steps)  # interleave heads (they share no weights, but one bar for all)
-    for _name, fn, b in progress(steps, desc="training tracker heads", reporter=reporter):
-        opt.zero_grad()
-        fn(b).backward()
-        opt.step()
+
+    def fit(plan: list[Any], rng: random.Random, opt: torch.optim.Optimizer, desc: str) -> None:
+        steps = [(name, fn, b) for _ in range(cfg.epochs) for name, fn, n, bs in plan
+                 for b in _batches(n, bs, rng, tok_len.get(name))]
+        rng.shuffle(steps)  # interleave heads (they share no weights, but one bar for all)
+        for _name, fn, b in progress(steps, desc=desc, reporter=reporter):
+            opt.zero_grad()
+            fn(b).backward()
+            opt.step()
+
+    fit(plan, rng, opt, "training tracker heads")
+    # Ensemble members: intent and status/request heads only (value and span are not ensembled), each from
+    # its own seed (initialisation in ``TrackerHeads``, batches, dropout, flag noise).
+    for i, member in enumerate(heads.members, start=1):
+        with torch.random.fork_rng(devices=[]):
+            seed = member_seed(cfg.seed, i)
+            torch.manual_seed(seed)
+            cur.update(m=member, gen=torch.Generator().manual_seed(seed))
+            fit(plan[:2], random.Random(seed),
+                torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=1e-4),
+                f"training ensemble member {i + 1}/{cfg.ensemble}")
+    cur.update(m=heads, gen=flag_gen)
     heads.eval()
     cfg.train_dialogues = len(dialogues)
     cfg.trained_services = sorted(schemas)
