@@ -351,7 +351,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
             seed = member_seed(cfg.seed, i)
             torch.manual_seed(seed)
             cur.update(m=member, gen=torch.Generator().manual_seed(seed))
-            fit(plan[:2], random.Random(seed),
+            fit([step for step in plan if step[0] in ("intent", "status")], random.Random(seed),
                 torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=1e-4),
                 f"training ensemble member {i + 1}/{cfg.ensemble}")
     cur.update(m=heads, gen=flag_gen)
