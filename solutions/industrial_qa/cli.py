@@ -22,22 +22,11 @@ app = typer.Typer(help="Industrial QA: defect detection on production lines (MVT
                   no_args_is_help=True)
 
 
-BANK_HELP = ("Memory bank: per-position (default: each tile of the part is compared with the same tile of the "
-             "normals; needs fixtured, aligned parts) or global (one bank for every position: for parts that "
-             "shift or rotate between images).")
-
-
 def _config(steps: int | None, size: int | None, coreset: int | None, far: float | None,
-            fusion: str | None = None, backbone: Path | None = None, bank: str | None = None):  # noqa: ANN202
+            fusion: str | None = None, backbone: Path | None = None):  # noqa: ANN202
     from solutions.industrial_qa.detector import DetectorConfig
 
     cfg = DetectorConfig()
-    if bank is not None:
-        if bank not in ("per-position", "global"):
-            raise DataError("--bank must be per-position or global")
-        if bank == "global":   # position-invariant: one bank, maps standardised with one mean/std
-            cfg.local_block = 0
-            cfg.norm = "global"
     if backbone is not None:
         cfg.use_backbone(backbone)  # fusion knn unless --fusion says otherwise
     if fusion is not None:
@@ -80,7 +69,6 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Self-supervised training steps.")] = None,
     size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
     coreset: Annotated[int | None, typer.Option(help="Memory-bank size (patches per tile of the per-position bank).")] = None,
-    bank: Annotated[str | None, typer.Option(help=BANK_HELP)] = None,
     target_far: Annotated[float | None, typer.Option(help="Target false-alarm rate for the threshold.")] = None,
     backbone: Annotated[Path | None, typer.Option(help=BACKBONE_HELP)] = None,
 ) -> None:
@@ -90,7 +78,7 @@ def train(
 
     cb, close = tqdm_progress(f"train {line}")
     try:
-        version, folder, det = train_line(data, line, _config(steps, size, coreset, target_far, None, backbone, bank), cb)
+        version, folder, det = train_line(data, line, _config(steps, size, coreset, target_far, None, backbone), cb)
     finally:
         close()
     _record_version(line, version, folder, det)
@@ -150,7 +138,6 @@ def evaluate(
     steps: Annotated[int | None, typer.Option(help="Self-supervised training steps.")] = None,
     size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
     coreset: Annotated[int | None, typer.Option(help="Memory-bank size (patches per tile of the per-position bank).")] = None,
-    bank: Annotated[str | None, typer.Option(help=BANK_HELP)] = None,
     target_far: Annotated[float | None, typer.Option(help="Target false-alarm rate.")] = None,
     fusion: Annotated[str | None, typer.Option(help="Anomaly map: knn, seg or sum.")] = None,
     speed: Annotated[bool, typer.Option(help="Also measure images/s and p95 latency.")] = True,
@@ -167,7 +154,7 @@ def evaluate(
 
     cb, close = tqdm_progress("train")
     try:
-        report = run_eval(data, few_shot, seed, _config(steps, size, coreset, target_far, fusion, backbone, bank), line, cb, speed,
+        report = run_eval(data, few_shot, seed, _config(steps, size, coreset, target_far, fusion, backbone), line, cb, speed,
                           max(8, speed_images), few_shot_threshold)
     finally:
         close()
@@ -190,7 +177,6 @@ def validate(
     steps: Annotated[int | None, typer.Option(help="Self-supervised training steps.")] = None,
     size: Annotated[int | None, typer.Option(help="Model input size (square).")] = None,
     coreset: Annotated[int | None, typer.Option(help="Memory-bank size (patches per tile of the per-position bank).")] = None,
-    bank: Annotated[str | None, typer.Option(help=BANK_HELP)] = None,
     fusion: Annotated[str | None, typer.Option(help="Anomaly map: knn, seg or sum.")] = None,
 ) -> None:
     """Choose settings without test images: fit on train/good minus N held-out normals, score those
@@ -201,7 +187,7 @@ def validate(
 
     cb, close = tqdm_progress("validate")
     try:
-        report = run_validation(data, _config(steps, size, coreset, None, fusion, None, bank), n_val=n_val, on_progress=cb)
+        report = run_validation(data, _config(steps, size, coreset, None, fusion), n_val=n_val, on_progress=cb)
     finally:
         close()
     _print_report(report, as_json)

@@ -43,7 +43,6 @@ def test_train_then_inspect(_cli, tiny_mvtec: Path, tmp_path: Path) -> None:  # 
     (["evaluate", "--data", "/definitely/not/here", "--json"], "dataset folder not found"),
     (["inspect", "x.png", "--line", "no-such-line"], "no trained model"),
     (["train", "--data", "/tmp", "--line", "bad line!"], "invalid line name"),
-    (["train", "--data", "/tmp", "--line", "l1", "--bank", "nearest"], "--bank must be per-position or global"),
 ])
 def test_user_errors_are_one_line(_cli, args: list[str], needle: str, tmp_path: Path) -> None:  # noqa: ANN001
     r = _cli(*args, home=tmp_path / "h")
@@ -64,18 +63,3 @@ def test_validate_holds_normals_out_and_never_reads_test(_cli, tiny_mvtec: Path,
     assert set(report["image_auroc_by_kind"]) <= {"hole", "crack", "finish", "edge", "stain"}
     r = _cli("validate", "--data", str(tiny_mvtec), "--n-val", "20", *TINY, home=tmp_path / "h")
     assert r.returncode == 2 and "too few" in r.stderr
-
-
-def test_train_with_a_global_bank_for_parts_that_are_not_aligned(_cli, tiny_mvtec: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    home = tmp_path / "h"
-    for bank, block, norm in (("global", 0, "global"), ("per-position", 4, "position")):
-        line = f"l-{bank}"
-        r = _cli("train", "--data", str(tiny_mvtec), "--line", line, "--bank", bank, *TINY, home=home)
-        assert r.returncode == 0, r.stderr[-3000:]
-        cfg = json.loads((home / "models" / "industrial_qa" / line / "v0001" / "detector.json").read_text())["config"]
-        assert (cfg["local_block"], cfg["norm"]) == (block, norm)
-        if bank == "global":
-            assert cfg["coreset_size"] == 64   # --coreset sizes the one global bank
-        img = sorted((tiny_mvtec / "test" / "crack").iterdir())[0]
-        r = _cli("inspect", str(img), "--line", line, home=home)
-        assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["status"] == "done"
