@@ -129,15 +129,23 @@ def mlp(n_in: int, hidden: int, n_out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
 
 
-class TrackerHeads(nn.Module):
-    """The five trained heads; inputs are built by the ``*_features`` helpers below."""
+class HeadMember(nn.Module):
+    """The decision heads a seed ensemble repeats: the intent head (with its reader) and the slot reader."""
 
     def __init__(self, cfg: TrackerConfig) -> None:
         super().__init__()
-        h, p = cfg.hidden, cfg.dropout
         self.intent_reader = IntentReader() if cfg.intent_reader else None
-        self.intent = mlp((7 if cfg.intent_reader else 5) * DIM + 1, h, 1, p)
-        self.slot = SlotReader(h, p)
+        self.intent = mlp((7 if cfg.intent_reader else 5) * DIM + 1, cfg.hidden, 1, cfg.dropout)
+        self.slot = SlotReader(cfg.hidden, cfg.dropout)
+
+
+class TrackerHeads(HeadMember):
+    """The five trained heads (the member heads, then value and span) and the ensemble's extra members;
+    inputs are built by the ``*_features`` helpers below."""
+
+    def __init__(self, cfg: TrackerConfig) -> None:
+        super().__init__(cfg)
+        h, p = cfg.hidden, cfg.dropout
         self.value = mlp(5 * DIM + 2, h, 1, p)
         self.span = SpanHead(h // 2)
         self.ensemble_status = cfg.ensemble_status
@@ -159,16 +167,6 @@ class TrackerHeads(nn.Module):
             if self.ensemble_status:
                 st = torch.stack([st] + [o[0] for o in outs]).mean(0)
         return st, rq
-
-
-class HeadMember(nn.Module):
-    """One extra ensemble member: an intent head (with its reader) and a slot reader of another seed."""
-
-    def __init__(self, cfg: TrackerConfig) -> None:
-        super().__init__()
-        self.intent_reader = IntentReader() if cfg.intent_reader else None
-        self.intent = mlp((7 if cfg.intent_reader else 5) * DIM + 1, cfg.hidden, 1, cfg.dropout)
-        self.slot = SlotReader(cfg.hidden, cfg.dropout)
 
 
 class IntentReader(nn.Module):
@@ -280,7 +278,7 @@ def intent_logits_many(heads: TrackerHeads, u: torch.Tensor, s: torch.Tensor, d:
         dpad = torch.zeros(h.shape[0], int(pos.max()) + 1, d.shape[1])
         dpad[rows, pos] = d
     out = []
-    for m in [heads, *getattr(heads, "members", ())]:
+    for m in [heads, *heads.members]:
         pu = None if dpad is None else m.intent_reader(h, seg == 0, dpad)[rows, pos]
         out.append(m.intent(intent_features(u[rows], s[rows], d, was, pu)).squeeze(-1))
     return out[0] if len(out) == 1 else torch.stack(out).mean(0)

@@ -354,7 +354,6 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
             fit([step for step in plan if step[0] in ("intent", "status")], random.Random(seed),
                 torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=1e-4),
                 f"training ensemble member {i + 1}/{cfg.ensemble}")
-    cur.update(m=heads, gen=flag_gen)
     heads.eval()
     cfg.train_dialogues = len(dialogues)
     cfg.trained_services = sorted(schemas)

@@ -13,22 +13,29 @@ SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "custo
 TINY_SERVICE = "Restaurants_1"
 
 
+def tiny_service_data() -> tuple[list[dict], dict[str, dict]]:
+    """The real SGD train dialogues of ``TINY_SERVICE`` alone and its schema. Skips when the shared SGD
+    data is not on this machine: these tests train and track on real dialogues, not made-up ones."""
+    if not SHARED.exists():
+        pytest.skip(f"SGD data not found at {SHARED} (the shared customer_service datasets, see its README)")
+    from solutions.customer_service.data import load_sgd
+
+    tr = load_sgd(SHARED, "train")
+    return [d for d in tr.dialogues if d["services"] == [TINY_SERVICE]], {TINY_SERVICE: tr.schemas[TINY_SERVICE]}
+
+
 @pytest.fixture(scope="session")
 def tiny_tracker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tracker heads trained on 30 real SGD train dialogues of Restaurants_1 (about 40 s on 2 cores)."""
-    if not SHARED.exists():
-        pytest.skip("shared data not found")
-    from solutions.customer_service.data import load_sgd
+    pool, schemas = tiny_service_data()
     from solutions.customer_service.dst import TrackerConfig
     from solutions.customer_service.dst_train import train_tracker
     from solutions.customer_service.encoder import MiniLMEncoder
 
     out = tmp_path_factory.mktemp("cs_tracker")
-    tr = load_sgd(SHARED, "train")
-    pool = [d for d in tr.dialogues if d["services"] == [TINY_SERVICE]]
     dialogues = random.Random(0).sample(pool, 30)
     enc = MiniLMEncoder(cache_dir=out / "cache")
-    tracker = train_tracker(dialogues, {TINY_SERVICE: tr.schemas[TINY_SERVICE]}, enc, TrackerConfig(epochs=12))
+    tracker = train_tracker(dialogues, schemas, enc, TrackerConfig(epochs=12))
     tracker.save(out / "dst-sgd")
     return out
 

@@ -19,7 +19,7 @@ from solutions.customer_service.dst import (
     intent_logits,
 )
 from solutions.customer_service.encoder import MiniLMEncoder
-from tests.solutions.customer_service.conftest import SHARED, TINY_SERVICE
+from tests.solutions.customer_service.conftest import tiny_service_data
 
 
 def _states(tracked: list[dict]) -> list:
@@ -28,16 +28,11 @@ def _states(tracked: list[dict]) -> list:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not SHARED.exists():
-        pytest.skip("shared data not found")
-    from solutions.customer_service.data import load_sgd
+    pool, schemas = tiny_service_data()
     from solutions.customer_service.dst_train import train_tracker
 
     tmp = tmp_path_factory.mktemp("cs_ensemble")
-    tr = load_sgd(SHARED, "train")
-    pool = [d for d in tr.dialogues if d["services"] == [TINY_SERVICE]]
     dialogues = random.Random(2).sample(pool, 4)
-    schemas = {TINY_SERVICE: tr.schemas[TINY_SERVICE]}
     enc = MiniLMEncoder(cache_dir=tmp / "cache")
     out = {"enc": enc, "schemas": schemas, "dev": random.Random(5).sample(pool, 3), "tmp": tmp}
     for n in (1, 3):

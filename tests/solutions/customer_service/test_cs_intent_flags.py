@@ -45,21 +45,15 @@ def test_flag_noise_changes_only_the_intent_head_in_training(tmp_path) -> None:
     (a noisy run is then no new retraining draw of the slot and request heads)."""
     import random
 
-    import pytest
-
     from solutions.customer_service.dst import TrackerConfig
-    from solutions.customer_service.encoder import MiniLMEncoder
-    from tests.solutions.customer_service.conftest import SHARED, TINY_SERVICE
-
-    if not SHARED.exists():
-        pytest.skip("shared data not found")
-    from solutions.customer_service.data import load_sgd
     from solutions.customer_service.dst_train import train_tracker
+    from solutions.customer_service.encoder import MiniLMEncoder
+    from tests.solutions.customer_service.conftest import tiny_service_data
 
-    tr = load_sgd(SHARED, "train")
-    dialogues = random.Random(2).sample([d for d in tr.dialogues if d["services"] == [TINY_SERVICE]], 4)
+    pool, schemas = tiny_service_data()
+    dialogues = random.Random(2).sample(pool, 4)
     enc = MiniLMEncoder(cache_dir=tmp_path / "cache")
-    heads = [train_tracker(dialogues, {TINY_SERVICE: tr.schemas[TINY_SERVICE]}, enc,
+    heads = [train_tracker(dialogues, schemas, enc,
                            TrackerConfig(epochs=1, intent_flag_noise=noise)).heads.state_dict()
              for noise in (0.0, 0.5)]
     intent = [k for k in heads[0] if k.startswith("intent.")]
