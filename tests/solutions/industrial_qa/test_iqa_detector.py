@@ -231,31 +231,40 @@ def test_pca_memory_bank_is_an_orthonormal_projection_of_the_features(tiny_detec
     assert (torch.cdist((a - det.bank_mean) @ p, (b - det.bank_mean) @ p) <= torch.cdist(a, b) + 1e-4).all()
 
 
+def _two_texture_parts(in_a: torch.Tensor, odd_cell: int, h: int = 8, w: int = 8
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch features (n, h*w, 8) of synthetic parts with texture A on the grid cells ``in_a`` (h*w,) marks
+    and texture B elsewhere (|a - b| = 4.2, noise 0.1): 20 normal parts to fit, one part with a B patch at
+    ``odd_cell`` (an A cell), one more normal part."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 3.0, 3.0
+
+    def parts(n: int) -> torch.Tensor:
+        return torch.where(in_a[None, :, None], a, b) + 0.1 * torch.randn(n, h * w, 8, generator=g)
+
+    odd = parts(1)
+    odd[0, odd_cell] = b + 0.1 * torch.randn(8, generator=g)
+    ok = parts(1)
+    return parts(20), odd, ok
+
+
 def test_per_position_bank_flags_a_patch_that_is_normal_only_elsewhere_on_the_part() -> None:
     """Normal parts carry texture A in the top half of the grid and B in the bottom half. A B patch in
     the top half is far from every patch of its tile's bank but close to the one global bank; normal
     patches are close to both."""
     from solutions.industrial_qa.detector import DetectorConfig
 
-    g = torch.Generator().manual_seed(0)
     h = w = 8
-    top = (torch.arange(h * w) // w < h // 2)[None, :, None]                   # (1, h*w, 1)
-    a, b = torch.zeros(8), torch.zeros(8)
-    a[0], b[1] = 3.0, 3.0
-
-    def parts(n: int) -> torch.Tensor:
-        return torch.where(top, a, b) + 0.1 * torch.randn(n, h * w, 8, generator=g)   # (n, h*w, 8)
-
-    odd = parts(1)
-    odd[0, 1 * w + 2] = b + 0.1 * torch.randn(8, generator=g)                 # B texture at (1, 2)
-    ok = parts(1)
+    cell = 1 * w + 2                                                          # B texture at (1, 2)
+    fit, odd, ok = _two_texture_parts(torch.arange(h * w) // w < h // 2, cell)
     dists = {}
     for block in (0, 4):
         det = AnomalyDetector(DetectorConfig(bank_dim=0, coreset_size=256, local_block=block, local_radius=0,
                                              local_bank=128))
-        det._fit_patch_bank(parts(20), h, w)
+        det._fit_patch_bank(fit, h, w)
         assert det.memory.dim() == (3 if block else 2)
-        dists[block] = (det._knn(odd, h, w)[0, 1 * w + 2], det._knn(ok, h, w)[0].max())
+        dists[block] = (det._knn(odd, h, w)[0, cell], det._knn(ok, h, w)[0].max())
     (g_odd, g_ok), (l_odd, l_ok) = dists[0], dists[4]
     assert float(g_odd) < 1.0 and float(g_ok) < 1.0 and float(l_ok) < 1.0   # normal everywhere / here
     assert float(l_odd) > 3.0                                                 # ~|a - b| = 4.2 from its tile's bank
@@ -269,28 +278,20 @@ def test_default_tile_bank_searches_only_its_own_cells() -> None:
     from solutions.industrial_qa.detector import DetectorConfig
 
     assert DetectorConfig().local_radius == 0 and DetectorConfig().local_block == 4
-    g = torch.Generator().manual_seed(0)
     h = w = 8
-    left = (torch.arange(h * w) % w < 4)[None, :, None]                       # (1, h*w, 1)
-    a, b = torch.zeros(8), torch.zeros(8)
-    a[0], b[1] = 3.0, 3.0
-
-    def parts(n: int) -> torch.Tensor:
-        return torch.where(left, a, b) + 0.1 * torch.randn(n, h * w, 8, generator=g)   # (n, h*w, 8)
-
-    odd = parts(1)
-    odd[0, 2 * w + 3] = b + 0.1 * torch.randn(8, generator=g)                 # B texture at (2, 3)
-    ok = parts(1)
+    cell = 2 * w + 3                                                          # B texture at (2, 3)
+    fit, odd, ok = _two_texture_parts(torch.arange(h * w) % w < 4, cell)
     dists = {}
-    fit = parts(20)
     for radius in (0, 2):
         det = AnomalyDetector(DetectorConfig(bank_dim=0, local_radius=radius, local_bank=128))
         det._fit_patch_bank(fit, h, w)
         assert det.memory.shape[0] == 4                                      # 2 x 2 tiles of 4 x 4 cells
-        dists[radius] = (det._knn(odd, h, w)[0, 2 * w + 3], det._knn(ok, h, w)[0].max())
+        dists[radius] = (det._knn(odd, h, w)[0, cell], det._knn(ok, h, w)[0].max())
     (r0_odd, r0_ok), (r2_odd, r2_ok) = dists[0], dists[2]
     assert float(r0_ok) < 1.0 and float(r2_ok) < 1.0 and float(r2_odd) < 1.0
     assert float(r0_odd) > 3.0                                                # ~|a - b| = 4.2
+
+
 @pytest.mark.parametrize("sigma", [0.0, 1.0, 4.0])
 def test_matrix_upsample_equals_interpolate_then_blur(sigma: float) -> None:
     """The fast map upsampling (two small matmuls) is the same linear map as bilinear + Gaussian blur."""
