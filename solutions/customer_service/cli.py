@@ -69,6 +69,24 @@ def evaluate(
 
 
 @app.command()
+def holdout(
+    data_root: DataRoot = None,
+    dialogues: Annotated[int, typer.Option(help="Held-out SGD train dialogues (outside the tracker's training sample).")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out sample.")] = 7,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON line on stdout.")] = False,
+) -> None:
+    """Score the stored tracker on held-out SGD *train* dialogues (where DST choices are made, never dev),
+    with the per-slot error breakdown; last stdout line is JSON."""
+    from solutions.customer_service.pipeline import holdout_dst
+
+    res = holdout_dst(_root(data_root), dialogues, seed=seed)
+    if not as_json:
+        for k, v in res.items():
+            typer.echo(f"{k:>28}: {v}", err=True)
+    typer.echo(json.dumps(res))
+
+
+@app.command()
 def bench(
     data_root: DataRoot = None,
     dialogues: Annotated[int, typer.Option(help="SGD dev dialogues to replay.")] = 15,

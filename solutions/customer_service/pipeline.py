@@ -226,6 +226,41 @@ def _eval_dst(dataset: str, root: Path, split: D.Split, enc: MiniLMEncoder, limi
             "train_dialogues": tracker.cfg.train_dialogues}
 
 
+def holdout_sgd_dialogues(root: Path, n: int, train_dialogues: int, seed: int = 7) -> D.SGDSplit:
+    """``n`` SGD *train* dialogues outside the tracker's seeded training sample (the first
+    ``train_dialogues`` of ``random.Random(13).sample``, as in ``train``), themselves a seeded sample: the
+    held-out set every DST choice is made on (dev is for the final read only)."""
+    split = D.load_sgd(root, "train")
+    if train_dialogues >= len(split.dialogues):
+        raise DataError(f"the tracker was trained on all {len(split.dialogues)} SGD train dialogues: none held out")
+    used = {d["dialogue_id"] for d in random.Random(13).sample(split.dialogues, train_dialogues)}
+    rest = [d for d in split.dialogues if d["dialogue_id"] not in used]
+    return D.SGDSplit(random.Random(seed).sample(rest, min(n, len(rest))), split.schemas)
+
+
+def holdout_dst(root: Path, n: int = 400, encoder: MiniLMEncoder | None = None, tracker: Any = None,
+                seed: int = 7, breakdown: bool = True) -> dict[str, Any]:
+    """Score the stored tracker (or ``tracker``) on ``n`` held-out SGD *train* dialogues (outside its
+    training sample) with the official evaluator semantics, plus the slot-error breakdown
+    (``sgd_eval.slot_error_breakdown``). Every service there is seen in training."""
+    from solutions.customer_service.dst import DialogueStateTracker
+    from solutions.customer_service.sgd_eval import evaluate_dialogues, slot_error_breakdown
+
+    enc = encoder or default_encoder()
+    if tracker is None:
+        if not is_trained("dst", "sgd"):
+            train("dst", "sgd", root, enc)
+        tracker = DialogueStateTracker.load(model_folder("dst", "sgd"), enc)
+    data = holdout_sgd_dialogues(root, n, tracker.cfg.train_dialogues or DST_TRAIN_DIALOGUES, seed)
+    hyp = tracker.track_sgd(data.dialogues, data.schemas, desc="tracking held-out SGD train")
+    seen = set(tracker.cfg.trained_services) or D.sgd_train_services(root)
+    out: dict[str, Any] = {**evaluate_dialogues(data.dialogues, hyp, data.schemas, seen),
+                           "dialogues": len(data.dialogues), "train_dialogues": tracker.cfg.train_dialogues}
+    if breakdown:
+        out["errors"] = slot_error_breakdown(data.dialogues, hyp, data.schemas, seen)
+    return out
+
+
 def _eval_intents(dataset: str, root: Path, split: D.Split, enc: MiniLMEncoder, limit: int | None) -> dict[str, Any]:
     from solutions.customer_service.intents import IntentClassifier, intent_metrics
 

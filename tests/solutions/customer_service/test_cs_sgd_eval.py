@@ -53,3 +53,47 @@ def test_seen_unseen_split() -> None:
     out = evaluate_dialogues(refs, hyps, schemas, seen_services={"Restaurants_9"})
     assert out["joint_goal_accuracy_seen"] == 1.0 and out["joint_goal_accuracy_unseen"] == 0.0
     assert out["joint_goal_accuracy"] == 0.5 and out["frames"] == 2
+
+
+def test_slot_error_breakdown_kinds_and_onsets() -> None:
+    from solutions.customer_service.sgd_eval import slot_error_breakdown
+
+    def user(text: str, state: dict) -> dict:
+        return {"speaker": "USER", "utterance": text, "frames": [{"service": "Restaurants_9", "state": state}]}
+
+    def system(text: str) -> dict:
+        return {"speaker": "SYSTEM", "utterance": text, "frames": []}
+
+    ref = {"turns": [user("A table in San Jose for 2", st(city=["San Jose"], party_size=["2"])),
+                     system("What time? Sino has one at 7 pm."),
+                     user("That works", st(city=["San Jose"], party_size=["2"], time=["7 pm"])),
+                     system("Done."),
+                     user("Thanks", st(city=["San Jose"], party_size=["2"], time=["7 pm"]))]}
+    hyp = {"turns": [user("", st(city=["San Jose CA downtown area"], party_size=["3"])),
+                     system(""),
+                     user("", st(city=["San Jose CA downtown area"], party_size=["3"], time=["Sino"])),
+                     system(""),
+                     user("", st(city=["San Jose CA downtown area"], party_size=["3"], time=["Sino"]))]}
+    out = slot_error_breakdown([ref], [hyp], {"Restaurants_9": SCHEMA}, seen_services={"Restaurants_9"})["seen"]
+    assert out["frames"] == 3 and out["frames_failed"] == 3
+    # each error counted once at its onset, then on every frame it keeps breaking
+    assert out["onsets"] == {"wrong_value:span_boundary:user": 1, "wrong_value:categorical:user": 1,
+                             "wrong_value:wrong_entity:system": 1}
+    assert out["frames_broken"]["wrong_value:categorical:user"] == 3
+    assert out["frames_broken"]["wrong_value:wrong_entity:system"] == 2
+
+
+def test_slot_error_breakdown_missed_and_false_updates() -> None:
+    from solutions.customer_service.sgd_eval import slot_error_breakdown
+
+    def user(text: str, state: dict) -> dict:
+        return {"speaker": "USER", "utterance": text, "frames": [{"service": "Restaurants_9", "state": state}]}
+
+    ref = {"turns": [user("In Napa", st(city=["Napa"])), user("ok", st(city=["Napa"])),
+                     user("any time", st(city=["Napa"], time=["dontcare"]))]}
+    hyp = {"turns": [user("", st()), user("", st(time=["noon"])), user("", st(time=["noon"]))]}
+    out = slot_error_breakdown([ref], [hyp], {"Restaurants_9": SCHEMA}, seen_services=set())["unseen"]
+    # city never filled: one onset (turn 1); time: false update of an empty slot at turn 2, then wrong at turn 3
+    # without a new onset (the error was already live)
+    assert out["onsets"] == {"update_missed:user": 1, "false_update:empty": 1}
+    assert out["frames_broken"] == {"update_missed:user": 3, "false_update:empty": 2}

@@ -157,3 +157,25 @@ def test_tracker_caps_requested_slots(tracker: DialogueStateTracker, schemas: di
         assert len(two) == 2 and set(two) <= set(every)
     finally:
         tracker.cfg.request_threshold, tracker.cfg.max_requested_slots = old_thr, old_cap
+
+
+def test_holdout_scores_train_dialogues_outside_the_training_sample(tracker: DialogueStateTracker) -> None:
+    import random
+
+    from solutions.customer_service.pipeline import holdout_dst, holdout_sgd_dialogues
+
+    held = holdout_sgd_dialogues(SHARED, 5, 8000)
+    ids = [d["dialogue_id"] for d in held.dialogues]
+    assert ids == [d["dialogue_id"] for d in holdout_sgd_dialogues(SHARED, 5, 8000).dialogues]  # seeded
+    sample = {d["dialogue_id"] for d in random.Random(13).sample(load_sgd(SHARED, "train").dialogues, 8000)}
+    assert len(set(ids)) == 5 and not set(ids) & sample  # never a training dialogue
+    before, tracker.cfg.train_dialogues = tracker.cfg.train_dialogues, 8000  # as if trained on the default sample
+    try:
+        out = holdout_dst(SHARED, 2, tracker=tracker)
+    finally:
+        tracker.cfg.train_dialogues = before
+    assert out["dialogues"] == 2 and 0.0 <= out["joint_goal_accuracy"] <= 1.0 and out["frames"] > 0
+    # every failed frame is explained by at least one live slot error
+    for b in out["errors"].values():
+        assert b["frames_failed"] <= b["frames"]
+        assert sum(b["frames_broken"].values()) >= b["frames_failed"] and sum(b["onsets"].values()) >= (b["frames_failed"] > 0)
