@@ -631,3 +631,88 @@ def test_kfac_merged_resume_and_reads_kfac_state(net: Net, tmp_path) -> None:  #
             EWC(1.0, fisher="kfac_merged", kfac_rank=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         EWC(1.0, fisher="kfac_merged", apply="prox")
+
+
+def _added_grad(net: Net, hook: EWC) -> torch.Tensor:
+    class Loop:
+        model = net
+
+    net.zero_grad(set_to_none=True)
+    hook.after_backward(Loop())
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+def test_kfac_sample_is_an_unbiased_cycle_over_the_tasks(net: Net) -> None:
+    """kfac_sample=1 with 3 past tasks: each step adds 3x one task's exact penalty gradient, every task
+    once per cycle of 3 steps, so a cycle's mean is the exact gradient; kfac_sample >= T is exact."""
+    sampled, exact = EWC(7.0, fisher="kfac", kfac_sample=1), EWC(7.0, fisher="kfac")
+    full = EWC(7.0, fisher="kfac", kfac_sample=3)
+    singles = []
+    for k, seed in enumerate((41, 42, 43)):
+        for e in (sampled, exact, full):
+            e.consolidate(net, loss_fn, task_data(seed), f"t{k}")
+        alone = EWC(7.0, fisher="kfac")  # task k's penalty alone (same factors and anchor)
+        alone.load_state_dict({**exact.state_dict(), "tasks": [f"t{k}"],
+                               "fishers": {f"t{k}": exact.fishers[f"t{k}"]},
+                               "anchors": {f"t{k}": exact.anchors[f"t{k}"]}})
+        singles.append(alone)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    want = _added_grad(net, exact)
+    torch.testing.assert_close(_added_grad(net, full), want)
+    per_task = [_added_grad(net, s) for s in singles]
+    for _ in range(2):  # two cycles
+        got = [_added_grad(net, sampled) for _ in range(3)]
+        hits = sorted(next(k for k, t in enumerate(per_task) if torch.allclose(g, 3 * t, rtol=1e-4, atol=1e-6))
+                      for g in got)
+        assert hits == [0, 1, 2]  # each task exactly once per cycle, scaled by T / m = 3
+        torch.testing.assert_close(sum(got) / 3, want, rtol=1e-4, atol=1e-6)
+
+
+def test_kfac_bfloat16_matmuls_stay_close_to_float32(net: Net) -> None:
+    """kfac_dtype="bfloat16" rounds the difference to each anchor, not the weights: the gradient stays
+    within bfloat16 precision of the float32 one, and is exactly 0 at the anchor."""
+    low, exact = EWC(7.0, fisher="kfac", kfac_dtype="bfloat16"), EWC(7.0, fisher="kfac")
+    for e in (low, exact):
+        e.consolidate(net, loss_fn, task_data(44), "a")
+    assert float(_added_grad(net, low).abs().max()) == 0.0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    want = _added_grad(net, exact)
+    got = _added_grad(net, low)
+    assert float(want.abs().max()) > 0
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    for bad in ({"kfac_sample": -1}, {"kfac_sample": True}, {"kfac_dtype": "float16"},
+                {"kfac_sample": 1, "kfac_refresh": 2}):
+        with pytest.raises(ConfigError):
+            EWC(1.0, fisher="kfac", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        EWC(1.0, fisher="kfac_merged", kfac_sample=1)
+
+
+def test_kfac_sample_memory_is_the_saga_estimate(net: Net) -> None:
+    """kfac_sample_memory: the first step after a consolidation is exact; then each step recomputes one task
+    and adds T x its change to the sum of every task's last gradient (SAGA); once every task was recomputed
+    at the current weights the estimate is exact again."""
+    saga = EWC(7.0, fisher="kfac", kfac_sample=1, kfac_sample_memory=True)
+    exact = EWC(7.0, fisher="kfac")
+    for k, seed in enumerate((51, 52, 53)):
+        for e in (saga, exact):
+            e.consolidate(net, loss_fn, task_data(seed), f"t{k}")
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    old = _added_grad(net, exact)
+    torch.testing.assert_close(_added_grad(net, saga), old)  # first step: every task computed
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    new = _added_grad(net, exact)
+    got = _added_grad(net, saga)  # old sum + 3 x (one task's change)
+    assert not torch.allclose(got, new, rtol=1e-4, atol=1e-6) and not torch.allclose(got, old, rtol=1e-4, atol=1e-6)
+    assert float((got - old).norm()) > 0
+    for _ in range(5):  # 2T - 1 picks hold a whole cycle: every task recomputed at these weights
+        _added_grad(net, saga)
+    torch.testing.assert_close(_added_grad(net, saga), new, rtol=1e-4, atol=1e-6)
