@@ -78,9 +78,6 @@ class Benchmark:
     ewc_kfac_normalize: str = "none"  # FisherNorm used instead of ewc_normalize for the kfac kinds
     ewc_kfac_block_max: int = 128  # fisher="kfac_merged": largest per-unit block side (else diagonal)
     ewc_kfac_rank: int = 0  # fisher="kfac_merged": rank of the shared Kronecker subspace part (0 = none)
-    ewc_kfac_sample: int = 0  # fisher="kfac": exact gradient of this many past tasks per step, x T/m (0 = all)
-    ewc_kfac_sample_memory: bool = False  # fisher="kfac", kfac_sample: SAGA estimate (keep every task's last gradient)
-    ewc_kfac_dtype: str = "float32"  # fisher="kfac": dtype of the per-task penalty matmuls (float32 / bfloat16)
     replay_ewc_lambda: float | None = None  # lambda of the ewc+replay combinations (None: ewc_lambda)
     replay_ewc_fisher: str | None = None  # Fisher of the ewc+replay combinations (None: ewc_fisher)
     notes: dict[str, str] = field(default_factory=dict)

@@ -44,11 +44,6 @@ def continual_eval(
     ewc_kfac_tol: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="KFAC EWC: keep each factor's "
                                                        "eigenvalues >= this times its largest (smaller rank = "
                                                        "cheaper step).")] = None,
-    ewc_kfac_sample: Annotated[int | None, typer.Option(min=0, help="KFAC EWC: exact penalty gradient of this many "
-                                                        "past tasks per step (a random cycle), scaled by T/m; "
-                                                        "0 = every task.")] = None,
-    ewc_kfac_dtype: Annotated[str | None, typer.Option(help="KFAC EWC: dtype of the penalty's large matmuls: "
-                                                       "float32 | bfloat16.")] = None,
     ewc_fisher: Annotated[str | None, typer.Option(help="Override the EWC Fisher: empirical | "
                                                    "empirical_per_sample | true | kfac | kfac_merged (also for the +replay combinations).")] = None,
 ) -> None:
@@ -86,12 +81,6 @@ def continual_eval(
         bench.ewc_kfac_refresh = ewc_kfac_refresh
     if ewc_kfac_rank is not None:
         bench.ewc_kfac_rank = ewc_kfac_rank
-    if ewc_kfac_sample is not None:
-        bench.ewc_kfac_sample = ewc_kfac_sample
-    if ewc_kfac_dtype is not None:
-        if ewc_kfac_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"unknown KFAC dtype {ewc_kfac_dtype!r}; choose float32 or bfloat16")
-        bench.ewc_kfac_dtype = ewc_kfac_dtype
     if ewc_kfac_tol is not None:
         bench.ewc_kfac_tol = ewc_kfac_tol
     if epochs is not None:

@@ -183,10 +183,6 @@ class EWC(TrainerHook):
         kfac_refresh: int = 1,
         kfac_block_max: int = 128,
         kfac_rank: int = 0,
-        kfac_sample: int = 0,
-        kfac_dtype: str = "float32",
-        kfac_seed: int = 0,
-        kfac_sample_memory: bool = False,
     ) -> None:
         if mode not in ("separate", "online"):
             raise ConfigError(f"EWC mode must be 'separate' or 'online', not {mode!r}")
@@ -201,12 +197,6 @@ class EWC(TrainerHook):
             raise ConfigError(f"EWC kfac_rank must be an integer >= 0, not {kfac_rank!r}")
         if isinstance(kfac_refresh, bool) or not isinstance(kfac_refresh, int) or kfac_refresh < 1:
             raise ConfigError(f"EWC kfac_refresh must be an integer >= 1, not {kfac_refresh!r}")
-        if isinstance(kfac_sample, bool) or not isinstance(kfac_sample, int) or kfac_sample < 0:
-            raise ConfigError(f"EWC kfac_sample must be an integer >= 0, not {kfac_sample!r}")
-        if kfac_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"EWC kfac_dtype must be 'float32' or 'bfloat16', not {kfac_dtype!r}")
-        if (kfac_sample or kfac_dtype != "float32") and (fisher != "kfac" or kfac_refresh != 1):
-            raise ConfigError("EWC kfac_sample / kfac_dtype need fisher='kfac' and kfac_refresh=1")
         if not 0.0 <= kfac_tol < 1.0:
             raise ConfigError(f"EWC kfac_tol must be in [0, 1), not {kfac_tol!r}")
         if apply not in ("grad", "loss", "prox"):
@@ -234,16 +224,6 @@ class EWC(TrainerHook):
         self.kfac_refresh = kfac_refresh
         self._kfac_cache: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
         self._kfac_age = 0
-        # kfac_sample = m > 0: per step the exact gradient of m past tasks, times T / m (see _kfac_grads)
-        self.kfac_sample, self.kfac_dtype = kfac_sample, kfac_dtype
-        self._kfac_gen = torch.Generator().manual_seed(kfac_seed)
-        self._kfac_queue: list[int] = []
-        self.kfac_sample_memory = bool(kfac_sample_memory)
-        # kfac_sample_memory, per layer: (sum_t g_t, [g_t per task]) of the last computed task gradients
-        self._kfac_memory: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        # per layer, per task: (U_A, anchor [W* | b*], U_G, s_G s_A^T) for the per-task path (sample / bf16;
-        # U_A, U_G in kfac_dtype)
-        self._kfac_tasks: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         self.lam, self.mode, self.fisher_kind, self.decay = float(lam), mode, fisher, float(decay)
         self.fisher_samples = fisher_samples
         self.consolidate_at_task_end = consolidate_at_task_end
@@ -430,7 +410,6 @@ class EWC(TrainerHook):
         """Collapse the stored (F_t, a_t) into W, c, k so the per-step penalty is one term."""
         self._weight, self._center, self._const, self._bound = {}, {}, 0.0, None
         self._kfac, self._merged, self._merged_sub, self._kfac_cache = {}, {}, {}, None
-        self._kfac_tasks, self._kfac_queue, self._kfac_memory = {}, [], {}
         if self.fisher_kind == "kfac":
             self._kfac_rebuild()
             return
@@ -595,11 +574,6 @@ class EWC(TrainerHook):
                 per_layer.setdefault(layer, []).append(
                     (u_g, s_g[:, None] * s_a[None, :], u_a, u_g.T @ (anchor @ u_a)))
         self._kfac = {}
-        if self.kfac_sample or self.kfac_dtype != "float32":
-            low = torch.bfloat16 if self.kfac_dtype == "bfloat16" else torch.float32
-            self._kfac_tasks = {layer: [(u_a.to(low), self._anchor_wb(t, layer).float(), u_g.to(low), scale)
-                                        for t, (u_g, scale, u_a, _) in zip(self.fishers, terms, strict=True)]
-                                for layer, terms in per_layer.items()}
         for layer, terms in per_layer.items():
             u_a_all = torch.cat([u_a for _, _, u_a, _ in terms], dim=1)  # (in, sum r_A)
             cuts = torch.tensor([0] + [u_a.shape[1] for _, _, u_a, _ in terms]).cumsum(0).tolist()
@@ -827,18 +801,11 @@ class EWC(TrainerHook):
             for layer in self._merged:
                 if f"{layer}.weight" in merged:
                     out[layer] = (merged[f"{layer}.weight"], merged.get(f"{layer}.bias"))
-        picked = self._kfac_pick() if self._kfac_tasks else None
-        if picked is not None and self.kfac_sample_memory and len(picked) < len(self.fishers):
-            return self._kfac_saga(named, picked)
         for layer in self._kfac:
             w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
             if w is None or not w.requires_grad:
                 continue
             wb = self._kfac_weight(named, layer)
-            if picked is not None:
-                grad = self._kfac_task_grad(layer, wb, picked)
-                out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
-                continue
             u_a_all, terms = self._kfac_to(layer, wb.device)
             proj = wb @ u_a_all  # (out, sum r_A)
             for u_g, scale, center, lo, hi in terms:
@@ -847,70 +814,6 @@ class EWC(TrainerHook):
             grad = proj @ u_a_all.T  # (out, in [+1])
             out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
         return out
-
-    def _kfac_pick(self) -> list[int]:
-        """The past tasks whose exact gradient this step computes: all of them, or with ``kfac_sample = m``
-        the next m of a stream of random permutations of the tasks (every task once per cycle of T / m
-        steps; each pick is uniform over the tasks, so ``T / m`` times their sum is unbiased)."""
-        n = len(self.fishers)
-        if not self.kfac_sample or self.kfac_sample >= n:
-            return list(range(n))
-        while len(self._kfac_queue) < self.kfac_sample:
-            self._kfac_queue += torch.randperm(n, generator=self._kfac_gen).tolist()
-        picked, self._kfac_queue = self._kfac_queue[: self.kfac_sample], self._kfac_queue[self.kfac_sample:]
-        return picked
-
-    def _kfac_saga(self, named: dict[str, nn.Parameter],
-                   picked: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """``kfac_sample_memory``: the SAGA estimate (Defazio et al. 2014) of ``sum_t G_t (W - W*_t) A_t``:
-        every task's last computed gradient ``g_t`` is kept with their running sum; a step recomputes the
-        picked tasks exactly and returns ``sum_t g_t + (T / m) sum_picked (g_new - g_old)`` (unbiased, and its
-        variance shrinks with how far the weights moved since a task's last pick, at most ~T / m steps ago)
-        before storing ``g_new``. The first step after a consolidation computes every task."""
-        n = len(self.fishers)
-        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for layer in self._kfac:
-            w, b = named.get(f"{layer}.weight"), named.get(f"{layer}.bias")
-            if w is None or not w.requires_grad:
-                continue
-            wb = self._kfac_weight(named, layer)
-            memory = self._kfac_memory.get(layer)
-            if memory is None or memory[0].device != wb.device:
-                stored = [self._kfac_task_grad(layer, wb, [k], rescale=False) for k in range(n)]
-                self._kfac_memory[layer] = memory = (torch.stack(stored).sum(0), stored)
-                grad = memory[0].clone()
-            else:
-                total, stored = memory
-                grad = total.clone()
-                for k in picked:
-                    new = self._kfac_task_grad(layer, wb, [k], rescale=False)
-                    change = new - stored[k]
-                    grad.add_(change, alpha=n / len(picked))
-                    total.add_(change)
-                    stored[k] = new
-            out[layer] = (grad[:, : w.shape[1]], grad[:, -1] if b is not None and b.requires_grad else None)
-        return out
-
-    def _kfac_task_grad(self, layer: str, wb: torch.Tensor, picked: list[int], rescale: bool = True) -> torch.Tensor:
-        """``(T / m) sum_{t in picked} G_t (W - W*_t) A_t`` of one layer, task by task in the truncated
-        eigenbases (``T / m = 1`` when every task is picked). With ``kfac_dtype="bfloat16"`` every product
-        runs in bfloat16 (float32 accumulation) on the difference to the anchor, so the rounding error is
-        relative to ``W - W*_t`` (no cancellation against the anchor); ``S`` is applied in float32."""
-        tasks = self._kfac_tasks[layer]
-        if tasks[0][0].device != wb.device:  # first use after a device move
-            self._kfac_tasks[layer] = tasks = [tuple(x.to(wb.device) for x in task) for task in tasks]
-        low = tasks[0][0].dtype
-        lefts, rights = [], []
-        for k in picked:
-            u_a, anchor, u_g, scale = tasks[k]
-            d = (u_g.T @ ((wb - anchor).to(low) @ u_a)).float().mul_(scale)  # S * U_G^T (W - W*) U_A
-            lefts.append(u_g @ d.to(low))  # (out, r_A)
-            rights.append(u_a)
-        left = torch.cat(lefts, dim=1) if len(lefts) > 1 else lefts[0]
-        right = torch.cat(rights, dim=1) if len(rights) > 1 else rights[0]
-        grad = (left @ right.T).float()
-        n = len(self.fishers)
-        return grad.mul_(n / len(picked)) if rescale and len(picked) != n else grad
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

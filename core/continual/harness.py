@@ -137,9 +137,6 @@ def method_settings(bench: Benchmark, method: str) -> dict[str, Any]:
         if fisher in KFAC_KINDS:
             out.update(ewc_kfac_tol=bench.ewc_kfac_tol, ewc_kfac_refresh=bench.ewc_kfac_refresh,
                        ewc_normalize=bench.ewc_kfac_normalize)
-            if fisher == "kfac":
-                out.update(ewc_kfac_sample=bench.ewc_kfac_sample, ewc_kfac_dtype=bench.ewc_kfac_dtype,
-                           ewc_kfac_sample_memory=bench.ewc_kfac_sample_memory)
             if fisher == "kfac_merged":
                 out.update(ewc_kfac_block_max=bench.ewc_kfac_block_max, ewc_kfac_rank=bench.ewc_kfac_rank)
         elif bench.ewc_normalize != "none":
@@ -163,9 +160,6 @@ def _ewc_hook(bench: Benchmark, mode: Literal["separate", "online"], **overrides
         normalize=bench.ewc_kfac_normalize if bench.ewc_fisher in KFAC_KINDS else bench.ewc_normalize,
         kfac_tol=bench.ewc_kfac_tol, kfac_refresh=bench.ewc_kfac_refresh,
         kfac_block_max=bench.ewc_kfac_block_max, kfac_rank=bench.ewc_kfac_rank)
-    if bench.ewc_fisher == "kfac":
-        kw.update(kfac_sample=bench.ewc_kfac_sample, kfac_dtype=bench.ewc_kfac_dtype,
-                  kfac_sample_memory=bench.ewc_kfac_sample_memory)
     return EWC(bench.ewc_lambda, **{**kw, **overrides})
 
 
