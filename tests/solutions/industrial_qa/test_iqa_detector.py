@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -533,3 +534,36 @@ def test_feature_pool_smooths_the_patch_features_but_not_the_pretext_logits() ->
     assert FeatureConfig().feature_pool == 5 and FeatureConfig.from_dict({"image_size": 64}).feature_pool == 3
     with pytest.raises(ValueError, match="feature_pool"):
         FeatureConfig(feature_pool=4)
+
+
+def test_two_scale_branch_adds_a_half_resolution_map_saved_and_scored_leave_one_out(iqa_src: Path,
+                                                                                    tmp_path: Path) -> None:
+    """``scale2_weight`` > 0: the same net also scores each part at half resolution against its own
+    per-position bank (tiles of half the cells: the same part area) and per-position statistics; the
+    term is not uniform over the map, adds to the context map the few-shot heads see, survives a
+    save / load, and the held-out normals' calibration scores are leave-one-out (as the other maps')."""
+    from solutions.industrial_qa.data import load_batch
+    from solutions.industrial_qa.detector import DetectorConfig
+
+    cfg = DetectorConfig.tiny()
+    cfg.scale2_weight = 0.5
+    det = AnomalyDetector(cfg).fit(sorted((iqa_src / "train" / "good").iterdir())[:24])
+    h = cfg.features.image_size // 8
+    assert det.s2["memory"].shape[0] == (h // 2 // (cfg.local_block // 2)) ** 2     # tiles of 2x2 half-res cells
+    assert det.s2["stats"].shape == (4, h // 2, h // 2)
+    x, out, without = _with_and_without(det, iqa_src, "scale2_weight")
+    shift = (out.maps - without.maps).reshape(len(x), -1)
+    assert shift.std(1).min() > 1e-3                                  # a map, not a uniform offset
+    assert out.coarse is not None and without.coarse is not None
+    assert not torch.allclose(out.coarse, without.coarse)
+    hold = load_batch([Path(p) for p in det.info["holdout_paths"]], cfg.features.image_size)
+    assert np.allclose(det.holdout_outputs(hold).scores, det.info["holdout_scores"], atol=1e-4)
+    again = AnomalyDetector.load(det.save(tmp_path / "m"))
+    assert np.allclose(again.score_arrays(x).maps, out.maps, atol=1e-4)
+    # models saved before the option load with the branch off (and score as they did)
+    meta = json.loads((tmp_path / "m" / "detector.json").read_text())
+    del meta["config"]["scale2_weight"]
+    (tmp_path / "m" / "detector.json").write_text(json.dumps(meta))
+    old = AnomalyDetector.load(tmp_path / "m")
+    assert old.config.scale2_weight == 0.0 and DetectorConfig().scale2_weight == 0.5
+    assert np.allclose(old.score_arrays(x).maps, without.maps, atol=1e-4)
