@@ -53,14 +53,6 @@ class FeatureConfig:
     # path as given, and the architecture detected from it (set by AnomalyDetector.fit)
     backbone: str = ""
     backbone_arch: str = ""
-    # pretext defect generator: "base" = cutpaste / blend / scratch / spot; "rich" adds DRAEM-style
-    # multi-octave Perlin regions (large, texture-blended) and CutPaste-scar (thin rotated strips)
-    synth: str = "base"
-    # photometric nuisance augmentation of the normal crops: "base" = flips + mild brightness/contrast,
-    # "strong" adds gamma, blur / sharpen and sensor noise (normal variation the features should ignore)
-    photometric: str = "base"
-    # extra 3x3 conv per stage 2-4 (deeper net, same strides / widths)
-    depth: int = 2
 
     def __post_init__(self) -> None:
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
@@ -99,10 +91,9 @@ class FeatureNet(nn.Module):
         self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
         self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25))
         self.stem = _conv(3, w1, 2)                                  # (B, w1, S/2, S/2)
-        extra = max(0, cfg.depth - 2)
-        self.stage2 = nn.Sequential(_conv(w1, w2, 2), _conv(w2, w2), *[_conv(w2, w2) for _ in range(extra)])
-        self.stage3 = nn.Sequential(_conv(w2, w3, 2), _conv(w3, w3), *[_conv(w3, w3) for _ in range(extra)])
-        self.stage4 = nn.Sequential(_conv(w3, w4, 2), _conv(w4, w4), *[_conv(w4, w4) for _ in range(extra)])
+        self.stage2 = nn.Sequential(_conv(w1, w2, 2), _conv(w2, w2))  # (B, w2, S/4, S/4)
+        self.stage3 = nn.Sequential(_conv(w2, w3, 2), _conv(w3, w3))  # (B, w3, S/8, S/8)
+        self.stage4 = nn.Sequential(_conv(w3, w4, 2), _conv(w4, w4))  # (B, w4, S/16, S/16)
         d = w2 + w3 + w4
         self.head = nn.Sequential(nn.Conv2d(d, 64, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
@@ -176,46 +167,8 @@ def _scratch_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.asarray(im) > 0).astype(np.float32)
 
 
-def _perlin_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    """DRAEM-style region: multi-octave smooth noise thresholded near its median (large, ragged)."""
-    lo = int(rng.integers(1, 4))                                   # coarsest octave: 2, 4 or 8 cells
-    noise = np.zeros((size, size), np.float32)
-    for o in range(lo, lo + 3):
-        g = torch.from_numpy(rng.standard_normal((1, 1, 2 ** o, 2 ** o)).astype(np.float32))
-        noise += 0.5 ** (o - lo) * F.interpolate(g, size=(size, size), mode="bicubic",
-                                                 align_corners=False)[0, 0].numpy()
-    thr = np.quantile(noise, 1.0 - rng.uniform(0.05, 0.4))
-    return (noise > thr).astype(np.float32)
-
-
-def _scar_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    """CutPaste-scar: a thin rotated strip (2-8% of the size wide, 10-30% long)."""
-    from PIL import Image, ImageDraw
-
-    w = max(2.0, rng.uniform(0.02, 0.08) * size)
-    ln = rng.uniform(0.1, 0.3) * size
-    cy, cx = rng.uniform(0, size, 2)
-    a = rng.uniform(0, math.pi)
-    dx, dy = math.cos(a), math.sin(a)
-    px, py = -dy, dx
-    pts = [(cx + sx * ln / 2 * dx + sw * w / 2 * px, cy + sx * ln / 2 * dy + sw * w / 2 * py)
-           for sx, sw in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
-    im = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(im).polygon(pts, fill=255)
-    return (np.asarray(im) > 0).astype(np.float32)
-
-
-def _shifted_source(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Another crop of the batch, rolled, rotated and re-lit: a texture source aligned nowhere."""
-    b, _, s, _ = images.shape
-    src = images[int(rng.integers(0, b))]
-    src = np.roll(src, tuple(int(v) for v in rng.integers(0, s, 2)), axis=(1, 2))
-    src = np.rot90(src, k=int(rng.integers(0, 4)), axes=(1, 2))
-    return np.clip(src * rng.uniform(0.6, 1.4) + rng.uniform(-0.15, 0.15), 0, 1)
-
-
 def synthesize_defects(images: np.ndarray, rng: np.random.Generator,
-                       p_clean: float = 0.25, kinds: str = "base") -> tuple[np.ndarray, np.ndarray]:
+                       p_clean: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
     """Draw one generic synthetic defect on each image (some are left clean).
 
     Args:
@@ -229,15 +182,9 @@ def synthesize_defects(images: np.ndarray, rng: np.random.Generator,
     for i in range(b):
         if rng.random() < p_clean:
             continue
-        kind = rng.choice(["cutpaste", "blend", "scratch", "spot"] + (["perlin", "scar"] if kinds == "rich" else ["scar"] if kinds == "scar" else []))
+        kind = rng.choice(["cutpaste", "blend", "scratch", "spot"])
         img = out[i]
-        if kind in ("perlin", "scar"):
-            m = _perlin_mask(rng, s) if kind == "perlin" else _scar_mask(rng, s)
-            src = _shifted_source(images, rng)
-            beta = rng.uniform(0.3, 1.0)
-            img[:] = img * (1 - beta * m) + beta * m * src
-            masks[i] = m
-        elif kind == "cutpaste":
+        if kind == "cutpaste":
             m, (y, x, h, w) = _rect_mask(rng, s)
             src = images[int(rng.integers(0, b))]
             sy, sx = int(rng.integers(0, s - h)), int(rng.integers(0, s - w))
@@ -267,9 +214,8 @@ def synthesize_defects(images: np.ndarray, rng: np.random.Generator,
     return out, masks
 
 
-def _augment(images: np.ndarray, rng: np.random.Generator, mode: str = "base") -> np.ndarray:
-    """Nuisance augmentation a normal part may show: flips and mild brightness/contrast change
-    (``mode="strong"``: also gamma, mild blur or sharpening and sensor noise)."""
+def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Nuisance augmentation a normal part may show: flips and mild brightness/contrast change."""
     out = images.copy()
     for i in range(len(out)):
         if rng.random() < 0.5:
@@ -277,16 +223,6 @@ def _augment(images: np.ndarray, rng: np.random.Generator, mode: str = "base") -
         if rng.random() < 0.5:
             out[i] = out[i][:, ::-1, :]
         out[i] = np.clip((out[i] - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.05, 0.05), 0, 1)
-        if mode == "strong":
-            x = np.clip(out[i], 1e-4, 1) ** math.exp(rng.uniform(-0.3, 0.3))
-            r = rng.random()
-            if r < 0.5:
-                blur = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(x))[None], 3, 1, 1,
-                                    count_include_pad=False)[0].numpy()
-                a = rng.uniform(0.0, 0.6) if r < 0.25 else -rng.uniform(0.0, 0.6)   # blur or sharpen
-                x = x + a * (blur - x)
-            x = x + rng.uniform(0, 0.03) * rng.standard_normal(x.shape).astype(np.float32)
-            out[i] = np.clip(x, 0, 1)
     return out
 
 
@@ -344,8 +280,8 @@ def train_feature_net(images: np.ndarray, cfg: FeatureConfig,
     n = len(images)
     for step in range(cfg.steps):
         idx = rng.choice(n, size=min(cfg.batch_size, n), replace=n < cfg.batch_size)
-        batch = _augment(_random_crops(images[idx], cfg.train_crop, rng), rng, cfg.photometric)
-        x, m = synthesize_defects(batch, rng, kinds=cfg.synth)
+        batch = _augment(_random_crops(images[idx], cfg.train_crop, rng), rng)
+        x, m = synthesize_defects(batch, rng)
         _, logits = net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
         target = _seg_target(torch.from_numpy(m)[:, None], logits.shape[-2:], cfg.seg_target)
         loss = focal_dice_loss(logits, target.clamp(0, 1))
