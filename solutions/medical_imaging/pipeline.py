@@ -257,6 +257,45 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(max(1, int(n or get_settings().medical_imaging_threads)))
 
 
+def train_encoder(cfg: ReporterConfig, A: Arrays, epochs: int, gen: torch.Generator, history_drop: float = HISTORY_DROP,
+                  label_smoothing: float = LABEL_SMOOTHING, aug: Callable[..., torch.Tensor] = _augment,
+                  progress: ProgressFn | None = None, lr: float = 2e-3,
+                  bs: int = 64) -> tuple[ImageEncoder, TextProjector]:
+    """The image encoder's supervised heads + CLIP alignment on ``A`` (one-cycle AdamW, ``epochs`` passes
+    of batches of ``bs``). Used by :func:`train_reporter` and by encoder comparisons on TRAIN holdouts."""
+    enc, txt = ImageEncoder(cfg), TextProjector(cfg)
+    params = list(enc.parameters()) + list(txt.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    n = len(A.images)
+    steps = epochs * math.ceil(n / bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+    T = {k: torch.from_numpy(getattr(A, k)) for k in A.__dataclass_fields__}
+    it = progress(range(epochs), desc="train image encoder") if progress else range(epochs)
+    for _ in it:
+        enc.train()
+        txt.train()
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            if len(idx) < 2:
+                continue
+            x = aug(T["images"][idx][:, None], gen)
+            hist = T["history"][idx] * (torch.rand(len(idx), 1, generator=gen) > history_drop).float()
+            o = enc(x, hist)
+            g = T["caption_group"][idx]
+            loss = (F.cross_entropy(o["modality"], T["modality"][idx], label_smoothing=label_smoothing)
+                    + F.cross_entropy(o["region"], T["region"][idx], label_smoothing=label_smoothing)
+                    + 0.5 * F.cross_entropy(o["plane"], T["plane"][idx])
+                    + 0.5 * F.cross_entropy(o["category"], T["category"][idx])
+                    + 0.3 * F.binary_cross_entropy_with_logits(o["abnormal"], T["abnormal"][idx])
+                    + clip_loss(o["embedding"], txt(T["caption"][idx]), txt.logit_scale, g[:, None] == g[None]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return enc, txt
+
+
 def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = ENC_EPOCHS, dec_epochs: int = 15,
                    limit: int | None = None, seed: int = 0, progress: ProgressFn | None = None,
                    log: Callable[[str], None] = lambda m: None, threads: int | None = None,
@@ -293,36 +332,10 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
     A = _arrays(train, cfg, emb, progress)
     emb.save()
 
-    enc, txt = ImageEncoder(cfg), TextProjector(cfg)
-    params = list(enc.parameters()) + list(txt.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
+    enc, txt = train_encoder(cfg, A, enc_epochs, gen, history_drop=history_drop, label_smoothing=label_smoothing,
+                             aug=aug, progress=progress)
     bs, n = 64, len(train)
-    steps = enc_epochs * math.ceil(n / bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.15)
-    T = {k: torch.from_numpy(getattr(A, k)) for k in A.__dataclass_fields__}
-    it = progress(range(enc_epochs), desc="train image encoder") if progress else range(enc_epochs)
-    for _ in it:
-        enc.train()
-        txt.train()
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            if len(idx) < 2:
-                continue
-            x = aug(T["images"][idx][:, None], gen)
-            hist = T["history"][idx] * (torch.rand(len(idx), 1, generator=gen) > history_drop).float()
-            o = enc(x, hist)
-            g = T["caption_group"][idx]
-            loss = (F.cross_entropy(o["modality"], T["modality"][idx], label_smoothing=label_smoothing)
-                    + F.cross_entropy(o["region"], T["region"][idx], label_smoothing=label_smoothing)
-                    + 0.5 * F.cross_entropy(o["plane"], T["plane"][idx])
-                    + 0.5 * F.cross_entropy(o["category"], T["category"][idx])
-                    + 0.3 * F.binary_cross_entropy_with_logits(o["abnormal"], T["abnormal"][idx])
-                    + clip_loss(o["embedding"], txt(T["caption"][idx]), txt.logit_scale, g[:, None] == g[None]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    T = {k: torch.from_numpy(getattr(A, k)) for k in ("history", "modality", "region", "plane")}
     log(f"encoder trained in {time.time() - t0:.0f}s")
     fusion = None
     if fuse and len(set(A.modality.tolist())) > 1 and len(set(A.region.tolist())) > 1:
