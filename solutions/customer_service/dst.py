@@ -115,6 +115,10 @@ class TrackerConfig:
     # intent and request logits). 1 in configs stored before it (the default recipe: ``pipeline.DST_ENSEMBLE``).
     ensemble: int = 1
     ensemble_status: bool = True
+    # The ensemble members also get their own categorical value scorer and span head (trained after their
+    # intent and slot heads, from seed ``member_seed(seed, i) + VALUE_SEED_OFFSET``), and the value and span
+    # logits are the members' mean too. False in configs stored before it (value and span from the main heads).
+    ensemble_values: bool = False
     # Architecture tag: a stored model of another architecture must be retrained, not half-loaded.
     arch: str = "slot-reader-v3"
 
@@ -122,6 +126,11 @@ class TrackerConfig:
 def member_seed(seed: int, i: int) -> int:
     """Seed of ensemble member ``i`` (1, 2, ...) of a tracker trained with ``seed``."""
     return seed + 1000 * i
+
+
+# Offset of the seed an ensemble member's value and span heads train from (``TrackerConfig.ensemble_values``):
+# their own stream, so the member's intent and slot heads train exactly as without them.
+VALUE_SEED_OFFSET = 500
 
 
 def mlp(n_in: int, hidden: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -155,7 +164,24 @@ class TrackerHeads(HeadMember):
         for i in range(1, cfg.ensemble):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(member_seed(cfg.seed, i))
-                self.members.append(HeadMember(cfg))
+                m = HeadMember(cfg)
+                if cfg.ensemble_values:  # initialised after the member's intent / slot heads: those stay as without
+                    m.value = mlp(5 * DIM + 2, h, 1, p)
+                    m.span = SpanHead(h // 2)
+                self.members.append(m)
+        self.ensemble_values = cfg.ensemble_values and len(self.members) > 0
+
+    def value_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Categorical value scores (..., 1) of the value features ``x``: the members' mean with ``ensemble_values``."""
+        if not self.ensemble_values:
+            return self.value(x)
+        return torch.stack([m.value(x) for m in [self, *self.members]]).mean(0)
+
+    def span_logits(self, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``SpanHead`` start / end logits (B, T, 2): the members' mean with ``ensemble_values``."""
+        if not self.ensemble_values:
+            return self.span(h, d)
+        return torch.stack([m.span(h, d) for m in [self, *self.members]]).mean(0)
 
     def slot_logits(self, *args: Any, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``SlotReader`` outputs (status logits, request logits), averaged over the ensemble members (the
@@ -605,7 +631,7 @@ class DialogueStateTracker:
             if not (f.seg == 1).any() or not text:
                 continue
             seg = torch.from_numpy(f.seg.astype(np.int64))
-            lg = self.heads.span(torch.from_numpy(f.h).float()[None], d[None])[0].masked_fill((seg != 1)[:, None], -1e4)
+            lg = self.heads.span_logits(torch.from_numpy(f.h).float()[None], d[None])[0].masked_fill((seg != 1)[:, None], -1e4)
             a, b = best_span(lg[:, 0], lg[:, 1], seg)
             score = float(lg[a, 0] + lg[b, 1])
             v = text[f.offsets[a][0]:f.offsets[b][1]].strip()
@@ -622,12 +648,12 @@ class DialogueStateTracker:
         lex = lexical_features(vals, user, system)
         n = len(vals)
         x = torch.cat([u.expand(n, -1), s.expand(n, -1), dv, u * dv, s * dv, lex], -1)
-        return vals[int(self.heads.value(x).squeeze(-1).argmax())]
+        return vals[int(self.heads.value_logits(x).squeeze(-1).argmax())]
 
     def _span(self, h: torch.Tensor, feats: TurnFeatures, d: torch.Tensor, user: str, system: str) -> str | None:
         if h.shape[0] == 0:
             return None
-        lg = self.heads.span(h[None], d[None])[0]  # (T, 2)
+        lg = self.heads.span_logits(h[None], d[None])[0]  # (T, 2)
         start, end = best_span(lg[:, 0], lg[:, 1], torch.from_numpy(feats.seg.astype(np.int64)))
         text = user if feats.seg[start] == 0 else system
         a, b = feats.offsets[start][0], feats.offsets[end][1]

@@ -20,6 +20,7 @@ from torch import nn
 from solutions.customer_service.dst import (
     RECALL_TURNS,
     STATUS,
+    VALUE_SEED_OFFSET,
     DialogueStateTracker,
     SchemaBank,
     TrackerConfig,
@@ -206,8 +207,13 @@ def _batches(n: int, bs: int, rng: random.Random, lengths: list[int] | None = No
 
 
 def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, Any]], encoder: MiniLMEncoder,
-                  cfg: TrackerConfig, reporter: Any = None) -> DialogueStateTracker:
-    """Encode the training turns, build labels, train every head; returns the tracker."""
+                  cfg: TrackerConfig, reporter: Any = None, base: TrackerHeads | None = None) -> DialogueStateTracker:
+    """Encode the training turns, build labels, train every head; returns the tracker.
+
+    ``base``: heads already trained on the same dialogues with the same seed (e.g. a stored tracker without
+    ``ensemble_values``): their weights are taken over and only the heads they lack are trained. Every head
+    group (main heads, a member's intent and slot heads, a member's value and span heads) trains from its own
+    seed, so the result equals training everything from scratch."""
     from core.jobs import progress
     from solutions.customer_service.dst import iter_user_turns
 
@@ -224,6 +230,15 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     S = torch.from_numpy(np.stack([f.s for f in feats])).float()
     M = bank.matrix  # (P, 384) description embeddings
     heads = TrackerHeads(cfg)
+    have: set[str] = set()
+    if base is not None:
+        state = base.state_dict()
+        have = {k for k in heads.state_dict() if k in state}
+        heads.load_state_dict({k: state[k] for k in have}, strict=False)
+
+    def trained(module: nn.Module, prefix: str) -> bool:
+        return all(prefix + k in have for k in module.state_dict())
+
     # The module whose intent / slot heads the intent and status losses train, and the flag noise's stream:
     # the main heads first, then each ensemble member (``cfg.ensemble``).
     cur: dict[str, Any] = {"m": heads, "gen": flag_gen}
@@ -313,7 +328,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         u, s = U[k][:, None].expand(-1, m, -1), S[k][:, None].expand(-1, m, -1)
         dv = M[d]  # (B, m, 384)
         x = torch.cat([u, s, dv, u * dv, s * dv, va_lex[bt]], -1)
-        lg = heads.value(x).squeeze(-1).masked_fill(~va_m[bt], -1e4)
+        lg = cur["m"].value(x).squeeze(-1).masked_fill(~va_m[bt], -1e4)
         return ce(lg, va_y[bt])
 
     def loss_span(b: list[int]) -> torch.Tensor:
@@ -321,7 +336,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         hs = [torch.from_numpy(feats[int(i)].h).float() for i in r[:, 0]]
         h = nn.utils.rnn.pad_sequence(hs, batch_first=True)  # (B, T, 384)
         mask = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in hs], batch_first=True)
-        lg = heads.span(h, M[r[:, 1]]).masked_fill(~mask[..., None], -1e4)  # (B, T, 2)
+        lg = cur["m"].span(h, M[r[:, 1]]).masked_fill(~mask[..., None], -1e4)  # (B, T, 2)
         return ce(lg[..., 0], r[:, 2]) + ce(lg[..., 1], r[:, 3])
 
     bs = cfg.batch_size
@@ -343,17 +358,28 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
             fn(b).backward()
             opt.step()
 
-    fit(plan, rng, opt, "training tracker heads")
-    # Ensemble members: intent and status/request heads only (value and span are not ensembled), each from
-    # its own seed (initialisation in ``TrackerHeads``, batches, dropout, flag noise).
+    main = nn.ModuleDict({k: v for k, v in heads.named_children() if k != "members"})
+    if not trained(main, ""):
+        fit(plan, rng, opt, "training tracker heads")
+    # Ensemble members: intent and status/request heads, each from its own seed (initialisation in
+    # ``TrackerHeads``, batches, dropout, flag noise); with ``ensemble_values`` then their value and span
+    # heads, from a third stream (so the intent and status heads train as without them).
     for i, member in enumerate(heads.members, start=1):
-        with torch.random.fork_rng(devices=[]):
-            seed = member_seed(cfg.seed, i)
-            torch.manual_seed(seed)
-            cur.update(m=member, gen=torch.Generator().manual_seed(seed))
-            fit([step for step in plan if step[0] in ("intent", "status")], random.Random(seed),
-                torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=1e-4),
-                f"training ensemble member {i + 1}/{cfg.ensemble}")
+        seed = member_seed(cfg.seed, i)
+        groups = [(("intent", "status"), seed, f"training ensemble member {i + 1}/{cfg.ensemble}")]
+        if cfg.ensemble_values:
+            groups.append((("value", "span"), seed + VALUE_SEED_OFFSET,
+                           f"training value / span heads of member {i + 1}/{cfg.ensemble}"))
+        for steps, sd, desc in groups:
+            params = nn.ModuleDict({k: v for k, v in member.named_children()
+                                    if (k in ("value", "span")) == (steps[0] == "value")})
+            if trained(params, f"members.{i - 1}.") or not len(params):
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sd)
+                cur.update(m=member, gen=torch.Generator().manual_seed(sd))
+                fit([step for step in plan if step[0] in steps], random.Random(sd),
+                    torch.optim.AdamW(params.parameters(), lr=cfg.lr, weight_decay=1e-4), desc)
     heads.eval()
     cfg.train_dialogues = len(dialogues)
     cfg.trained_services = sorted(schemas)

@@ -120,3 +120,50 @@ def test_config_stored_before_the_ensemble_loads_as_one_member(trained: dict, tm
     (folder / "config.json").write_text(json.dumps(raw))
     loaded = DialogueStateTracker.load(folder, trained["enc"])
     assert loaded.cfg.ensemble == 1 and len(loaded.heads.members) == 0
+
+
+def test_ensemble_values_members_get_value_and_span_heads_and_resume_equals_scratch(trained: dict) -> None:
+    from solutions.customer_service.dst_train import train_tracker
+
+    pool, schemas = tiny_service_data()
+    dialogues = random.Random(2).sample(pool, 4)
+    cfg = dict(epochs=1, intent_reader=True, intent_flag_noise=0.15, ensemble=3, ensemble_values=True)
+    scratch = train_tracker(dialogues, schemas, trained["enc"], TrackerConfig(**cfg))
+    sd, old = scratch.heads.state_dict(), trained[3].heads.state_dict()
+    # every head of the ensemble without value members trains exactly as before
+    assert set(old) < set(sd)
+    for k in old:
+        assert torch.equal(sd[k], old[k]), k
+    new = sorted(set(sd) - set(old))
+    assert new and all(k.startswith(("members.0.value", "members.0.span", "members.1.value", "members.1.span"))
+                       for k in new)
+    fresh = TrackerHeads(TrackerConfig(**cfg)).state_dict()
+    assert not torch.equal(sd["members.0.value.1.weight"], fresh["members.0.value.1.weight"])  # trained
+    assert not torch.equal(sd["members.0.span.tok.1.weight"], sd["members.1.span.tok.1.weight"])  # own seeds
+    # resuming from the stored 3-member heads trains only the missing value / span heads: same weights
+    resumed = train_tracker(dialogues, schemas, trained["enc"], TrackerConfig(**cfg), base=trained[3].heads)
+    for k, v in resumed.heads.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # value and span logits are the members' mean
+    h, x = torch.randn(2, 7, 384), torch.randn(5, 5 * 384 + 2)
+    heads = scratch.heads
+    with torch.inference_mode():
+        assert torch.allclose(heads.value_logits(x), torch.stack([m.value(x) for m in [heads, *heads.members]]).mean(0),
+                              atol=1e-5)
+        d = torch.randn(2, 384)
+        assert torch.allclose(heads.span_logits(h, d), torch.stack([m.span(h, d) for m in [heads, *heads.members]]).mean(0),
+                              atol=1e-5)
+        assert not torch.allclose(heads.span_logits(h, d), heads.span(h, d))
+
+
+def test_config_stored_before_value_members_loads_without_them(trained: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "old3"
+    trained[3].save(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("ensemble_values")
+    (folder / "config.json").write_text(json.dumps(raw))
+    loaded = DialogueStateTracker.load(folder, trained["enc"])
+    assert not loaded.cfg.ensemble_values and not loaded.heads.ensemble_values
+    assert not hasattr(loaded.heads.members[0], "value")
+    dev, schemas = trained["dev"], trained["schemas"]
+    assert _states(loaded.track_sgd(dev, schemas)) == _states(trained[3].track_sgd(dev, schemas))
