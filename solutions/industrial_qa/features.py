@@ -53,13 +53,8 @@ class FeatureConfig:
     # path as given, and the architecture detected from it (set by AnomalyDetector.fit)
     backbone: str = ""
     backbone_arch: str = ""
-    # pretext defect kinds: "base" = cutpaste / blend / scratch / spot; "scar" adds CutPaste-scar (thin
-    # rotated strips of another crop's texture). Chosen on `validate` over three SSL seeds (BENCHMARKS)
-    synth: str = "scar"
 
     def __post_init__(self) -> None:
-        if self.synth not in ("base", "scar"):
-            raise ValueError(f"synth must be base or scar, got {self.synth!r}")
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
             raise ValueError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}")
 
@@ -75,7 +70,6 @@ class FeatureConfig:
         d.setdefault("input_norm", "dataset")  # models saved before the option existed
         d.setdefault("seg_target", "mean")  # models trained before the option: fraction targets
         d.setdefault("feature_pool", 3)  # models saved before the option: 3x3
-        d.setdefault("synth", "base")  # models trained before CutPaste-scar
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -173,44 +167,8 @@ def _scratch_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.asarray(im) > 0).astype(np.float32)
 
 
-def _scar_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    """CutPaste-scar: a thin rotated strip (2-8% of the size wide, 10-30% long)."""
-    from PIL import Image, ImageDraw
-
-    w = max(2.0, rng.uniform(0.02, 0.08) * size)
-    ln = rng.uniform(0.1, 0.3) * size
-    cy, cx = rng.uniform(0, size, 2)
-    a = rng.uniform(0, math.pi)
-    dx, dy = math.cos(a), math.sin(a)
-    px, py = -dy, dx
-    pts = [(cx + sx * ln / 2 * dx + sw * w / 2 * px, cy + sx * ln / 2 * dy + sw * w / 2 * py)
-           for sx, sw in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
-    im = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(im).polygon(pts, fill=255)
-    return (np.asarray(im) > 0).astype(np.float32)
-
-
-def _shifted_source(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Another crop of the batch, rolled, rotated and re-lit: a texture source aligned nowhere."""
-    b, _, s, _ = images.shape
-    src = images[int(rng.integers(0, b))]
-    src = np.roll(src, tuple(int(v) for v in rng.integers(0, s, 2)), axis=(1, 2))
-    src = np.rot90(src, k=int(rng.integers(0, 4)), axes=(1, 2))
-    return np.clip(src * rng.uniform(0.6, 1.4) + rng.uniform(-0.15, 0.15), 0, 1)
-
-
-def _paste_scar(img: np.ndarray, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """CutPaste-scar in place on ``img (3, S, S)``: a thin rotated strip of another crop's texture
-    (from the batch ``images``), blended; returns its mask ``(S, S)``."""
-    m = _scar_mask(rng, img.shape[-1])
-    src = _shifted_source(images, rng)
-    beta = rng.uniform(0.3, 1.0)
-    img[:] = img * (1 - beta * m) + beta * m * src
-    return m
-
-
 def synthesize_defects(images: np.ndarray, rng: np.random.Generator,
-                       p_clean: float = 0.25, kinds: str = "base") -> tuple[np.ndarray, np.ndarray]:
+                       p_clean: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
     """Draw one generic synthetic defect on each image (some are left clean).
 
     Args:
@@ -224,11 +182,9 @@ def synthesize_defects(images: np.ndarray, rng: np.random.Generator,
     for i in range(b):
         if rng.random() < p_clean:
             continue
-        kind = rng.choice(["cutpaste", "blend", "scratch", "spot"] + (["scar"] if kinds == "scar" else []))
+        kind = rng.choice(["cutpaste", "blend", "scratch", "spot"])
         img = out[i]
-        if kind == "scar":
-            masks[i] = _paste_scar(img, images, rng)
-        elif kind == "cutpaste":
+        if kind == "cutpaste":
             m, (y, x, h, w) = _rect_mask(rng, s)
             src = images[int(rng.integers(0, b))]
             sy, sx = int(rng.integers(0, s - h)), int(rng.integers(0, s - w))
@@ -325,7 +281,7 @@ def train_feature_net(images: np.ndarray, cfg: FeatureConfig,
     for step in range(cfg.steps):
         idx = rng.choice(n, size=min(cfg.batch_size, n), replace=n < cfg.batch_size)
         batch = _augment(_random_crops(images[idx], cfg.train_crop, rng), rng)
-        x, m = synthesize_defects(batch, rng, kinds=cfg.synth)
+        x, m = synthesize_defects(batch, rng)
         _, logits = net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
         target = _seg_target(torch.from_numpy(m)[:, None], logits.shape[-2:], cfg.seg_target)
         loss = focal_dice_loss(logits, target.clamp(0, 1))

@@ -567,34 +567,3 @@ def test_two_scale_branch_adds_a_half_resolution_map_saved_and_scored_leave_one_
     old = AnomalyDetector.load(tmp_path / "m")
     assert old.config.scale2_weight == 0.0 and DetectorConfig().scale2_weight == 0.5
     assert np.allclose(old.score_arrays(x).maps, without.maps, atol=1e-4)
-
-
-def test_scar_pretext_kind_draws_thin_rotated_strips_of_foreign_texture() -> None:
-    """``synth="scar"`` adds CutPaste-scar to the pretext: a thin, long strip (not an axis-aligned box)
-    whose pixels change and whose mask is exactly where they changed; ``"base"`` never draws one and
-    models trained before the option load as ``"base"``; other values are refused."""
-    from solutions.industrial_qa.features import FeatureConfig, _paste_scar, _scar_mask, synthesize_defects
-
-    rng = np.random.default_rng(0)
-    ratios = []
-    for _ in range(40):
-        m = _scar_mask(rng, 128)
-        ys, xs = np.nonzero(m)
-        assert 0 < m.sum() < 0.05 * 128 * 128
-        ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(float)))
-        ratios.append(ev[1] / ev[0])
-    assert np.median(ratios) > 4                                       # mostly long, thin strips
-    g = np.random.default_rng(1)
-    images = (g.random((8, 3, 64, 64)) * 0.2 + np.linspace(0.2, 0.8, 64)[None, None, None, :]).astype(np.float32)
-    for k in range(8):
-        img = images[k].copy()
-        m = _paste_scar(img, images, np.random.default_rng(k))
-        changed = np.abs(img - images[k]).max(0) > 1e-6
-        assert m.sum() > 0 and (changed <= (m > 0)).all() and changed.sum() > 0.5 * m.sum()
-    base_rng, scar_rng = np.random.default_rng(3), np.random.default_rng(3)
-    _, base = synthesize_defects(images, base_rng, p_clean=0.0)
-    _, scar = synthesize_defects(images, scar_rng, p_clean=0.0, kinds="scar")
-    assert base.sum() > 0 and scar.sum() > 0
-    assert FeatureConfig().synth == "scar" and FeatureConfig.from_dict({"image_size": 64}).synth == "base"
-    with pytest.raises(ValueError, match="synth"):
-        FeatureConfig(synth="rich")
