@@ -13,7 +13,8 @@ def test_full_evaluate_unsupervised_and_few_shot(iqa_src: Path, tmp_home: Path) 
 
     base = evaluate(iqa_src, few_shot=0, speed=False)
     assert base["n_test"] == 384 and base["pixel_auroc"] is not None
-    # floors under the measured figures (docs/BENCHMARKS.md: 0.918 image / 0.775 pixel AUROC with 5x5
+    # floors under the measured figures (docs/BENCHMARKS.md: 0.930 / 0.777 with the two-scale input,
+    # 0.918 image / 0.775 pixel AUROC with 5x5
     # feature pooling, 0.920 / 0.762 with 3x3 and the per-position memory bank at tile radius 0,
     # 0.915 / 0.749 at radius 2 (0.910 / 0.756 with a second VM's SSL net), 0.894 / 0.741 with
     # one global bank, 0.895 / 0.735 with the part-level term at the plain std, 0.893 / 0.697 without
