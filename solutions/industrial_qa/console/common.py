@@ -81,3 +81,26 @@ def overlay_image(image_path: str, heatmap_path: str | None):  # noqa: ANN201
         heat = np.asarray(Image.open(heatmap_path), dtype=np.float32) / 255.0
         return overlay(img, heat)
     return img
+
+
+def training_request_problem(data: str, backbone: str = "") -> str | None:
+    """What is wrong with a "train a new version" request (a message the operator can act on), or None.
+
+    Checked before the job is queued, so a typo fails here instead of in the worker: the data folder
+    (absolute, or relative to the data root, as the training task resolves it) must exist, and a
+    backbone checkpoint, when given, must be a ResNet state dict ``backbone.py`` can read.
+    """
+    from core.errors import VerticalsError
+    from core.settings import get_settings
+
+    folder = Path(data) if data.startswith("/") else get_settings().data_root / data
+    if not folder.is_dir():
+        return f"data folder not found: {folder} (give an absolute path or one under {get_settings().data_root})"
+    if backbone:
+        from solutions.industrial_qa.detector import DetectorConfig
+
+        try:
+            DetectorConfig().use_backbone(backbone)
+        except (VerticalsError, OSError, ValueError) as e:
+            return f"backbone checkpoint not usable: {e}"
+    return None

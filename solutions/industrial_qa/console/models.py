@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.console import audit, model_status_panel, require_user
-from solutions.industrial_qa.console.common import SOLUTION, pick_line, versions_df
+from solutions.industrial_qa.console.common import SOLUTION, pick_line, training_request_problem, versions_df
 
 require_user("operator")
 st.title("Model registry")
@@ -35,14 +35,24 @@ if line:
             st.rerun()
     with st.expander("Train a new version"):
         data = st.text_input("Data folder (MVTec layout or a folder of good images)")
+        backbone = st.text_input(
+            "ImageNet backbone checkpoint (optional)",
+            help="A torchvision-layout ResNet-18/34/50 or Wide-ResNet-50-2 state dict (.pth, .pt or "
+                 ".safetensors) on this machine. It replaces the self-supervised feature net; leave empty "
+                 "to train the self-supervised net on the line's own images.").strip()
         if st.button("Queue training") and data:
-            from core.jobs import claim_job
-            from core.queue import app
-
-            key = f"train:industrial_qa.train_line:{line}"
-            if claim_job(key, kind="train", solution=SOLUTION):
-                app.send_task("industrial_qa.train_line", kwargs={"job_key": key, "line": line, "data": data})
-                audit("train", target=line, detail={"data": data}, solution=SOLUTION)
-                st.success("training queued; progress appears at the top of each page")
+            problem = training_request_problem(data, backbone)
+            if problem:
+                st.error(problem)
             else:
-                st.info("a training job for this line is already queued or running")
+                from core.jobs import claim_job
+                from core.queue import app
+
+                key = f"train:industrial_qa.train_line:{line}"
+                kwargs = {"job_key": key, "line": line, "data": data} | ({"backbone": backbone} if backbone else {})
+                if claim_job(key, kind="train", solution=SOLUTION):
+                    app.send_task("industrial_qa.train_line", kwargs=kwargs)
+                    audit("train", target=line, detail={"data": data, "backbone": backbone or None}, solution=SOLUTION)
+                    st.success("training queued; progress appears at the top of each page")
+                else:
+                    st.info("a training job for this line is already queued or running")

@@ -170,3 +170,19 @@ def test_cli_backbone_option(r18_files: dict[str, Path], tiny_mvtec: Path, tmp_p
     r = _cli("evaluate", "--data", str(tiny_mvtec), "--backbone", str(r18_files["pth"]), "--fusion", "seg",
              home=tmp_path / "h")
     assert r.returncode == 2 and "with --backbone use knn" in r.stderr
+
+
+def test_console_training_request_is_checked_before_queueing(r18_files: dict[str, Path], tiny_mvtec: Path,
+                                                              tmp_path: Path) -> None:
+    from solutions.industrial_qa.console.common import training_request_problem
+
+    assert training_request_problem(str(tiny_mvtec)) is None
+    assert training_request_problem(str(tiny_mvtec), str(r18_files["safetensors"])) is None
+    missing = training_request_problem(str(tmp_path / "no-such-line"))
+    assert missing and "data folder not found" in missing and "no-such-line" in missing
+    notes = tmp_path / "weights.txt"
+    notes.write_text("not a checkpoint")
+    bad = training_request_problem(str(tiny_mvtec), str(notes))
+    assert bad and bad.startswith("backbone checkpoint not usable") and "weights.txt" in bad
+    gone = training_request_problem(str(tiny_mvtec), str(tmp_path / "gone.pth"))
+    assert gone and "not found" in gone

@@ -91,6 +91,22 @@ def test_review_and_threshold_actions(seeded: dict) -> None:
     assert active.threshold == pytest.approx(at.slider[1].value)
 
 
+def test_queue_training_rejects_a_bad_backbone_without_queueing(seeded: dict, tmp_path: Path) -> None:
+    from core.jobs import Job
+
+    notes = tmp_path / "weights.txt"
+    notes.write_text("not a checkpoint")
+    at = _page("models.py", seeded["token"])
+    data, backbone = at.text_input[0], at.text_input[1]
+    data.input(str(tmp_path))
+    backbone.input(str(notes))
+    [b for b in at.button if b.label == "Queue training"][0].click().run()
+    assert not at.exception
+    assert any("backbone checkpoint not usable" in e.value for e in at.error)
+    with session_scope() as s:
+        assert not list(s.scalars(select(Job).where(Job.kind == "train")))
+
+
 def test_app_routes_only() -> None:
     src = (CONSOLE / "app.py").read_text()
     assert "st.navigation" in src and all(p in src for p in PAGES)
