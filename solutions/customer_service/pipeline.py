@@ -83,6 +83,12 @@ def _check(task: str, dataset: str, table: dict[str, tuple[str, ...]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train
+def dst_train_sample(dialogues: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The tracker's seeded training sample of ``n`` SGD train dialogues (all of them when ``n`` covers
+    them); the held-out harness excludes exactly these."""
+    return random.Random(13).sample(dialogues, n) if n < len(dialogues) else dialogues
+
+
 def train(task: str, dataset: str, data_root: Path, encoder: MiniLMEncoder | None = None, reporter: Any = None,
           max_dialogues: int | None = None, epochs: int | None = None,
           max_per_class: int | None = None, encoder_int8: bool | None = None) -> dict[str, Any]:
@@ -98,9 +104,7 @@ def train(task: str, dataset: str, data_root: Path, encoder: MiniLMEncoder | Non
         from solutions.customer_service.dst_train import train_tracker
 
         split = D.load_sgd(data_root, "train")
-        dialogues, n = split.dialogues, max_dialogues or DST_TRAIN_DIALOGUES
-        if n < len(dialogues):
-            dialogues = random.Random(13).sample(dialogues, n)
+        dialogues = dst_train_sample(split.dialogues, max_dialogues or DST_TRAIN_DIALOGUES)
         int8 = DST_ENCODER_INT8 if encoder_int8 is None else encoder_int8
         cfg = TrackerConfig(epochs=epochs or DST_EPOCHS, encoder_int8=int8, intent_reader=DST_INTENT_READER,
                             intent_flag_noise=DST_INTENT_FLAG_NOISE, ensemble=DST_ENSEMBLE,
@@ -232,13 +236,13 @@ def _eval_dst(dataset: str, root: Path, split: D.Split, enc: MiniLMEncoder, limi
 
 
 def holdout_sgd_dialogues(root: Path, n: int, train_dialogues: int, seed: int = 7) -> D.SGDSplit:
-    """``n`` SGD *train* dialogues outside the tracker's seeded training sample (the first
-    ``train_dialogues`` of ``random.Random(13).sample``, as in ``train``), themselves a seeded sample: the
+    """``n`` SGD *train* dialogues outside the tracker's seeded training sample (``dst_train_sample`` of
+    ``train_dialogues``, as in ``train``), themselves a seeded sample: the
     held-out set every DST choice is made on (dev is for the final read only)."""
     split = D.load_sgd(root, "train")
     if train_dialogues >= len(split.dialogues):
         raise DataError(f"the tracker was trained on all {len(split.dialogues)} SGD train dialogues: none held out")
-    used = {d["dialogue_id"] for d in random.Random(13).sample(split.dialogues, train_dialogues)}
+    used = {d["dialogue_id"] for d in dst_train_sample(split.dialogues, train_dialogues)}
     rest = [d for d in split.dialogues if d["dialogue_id"] not in used]
     return D.SGDSplit(random.Random(seed).sample(rest, min(n, len(rest))), split.schemas)
 

@@ -38,6 +38,17 @@ def requested_f1(ref: list[str], hyp: list[str]) -> float:
     return 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
 
 
+def slot_score(ref: list[str] | None, hyp: list[str] | None, exact: bool) -> float:
+    """Score of one slot: ``ref`` / ``hyp`` its value lists (None: not in that state). A reference value:
+    exact match (categorical, or ``exact``) or the fuzzy ratio of the hypothesis' first value, 0 without
+    one; no reference value: 1, or 0 when the hypothesis has the slot."""
+    if ref is not None:
+        if not hyp:
+            return 0.0
+        return float(hyp[0] in ref) if exact else fuzzy_match(ref, hyp[0])
+    return 0.0 if hyp is not None else 1.0
+
+
 def frame_metrics(ref: dict[str, Any], hyp: dict[str, Any], schema: dict[str, Any],
                   fuzzy: bool = True) -> dict[str, float]:
     """Scores of one frame. ``ref``/``hyp`` are SGD ``state`` dicts."""
@@ -45,15 +56,9 @@ def frame_metrics(ref: dict[str, Any], hyp: dict[str, Any], schema: dict[str, An
     active, all_acc = [], []
     for slot in schema["slots"]:
         name = slot["name"]
+        acc = slot_score(rv.get(name), hv.get(name), bool(slot.get("is_categorical")) or not fuzzy)
         if name in rv:
-            if name in hv and hv[name]:
-                h = hv[name][0]
-                acc = float(h in rv[name]) if slot.get("is_categorical") or not fuzzy else fuzzy_match(rv[name], h)
-            else:
-                acc = 0.0
             active.append(acc)
-        else:
-            acc = 0.0 if name in hv else 1.0
         all_acc.append(acc)
     return {
         "intent_accuracy": float(ref.get("active_intent") == hyp.get("active_intent")),
@@ -100,11 +105,7 @@ def evaluate_dialogues(refs: list[dict[str, Any]], hyps: list[dict[str, Any]], s
 # ------------------------------------------------------------------------------- error breakdown
 def _slot_ok(ref: list[str] | None, hyp: list[str] | None, categorical: bool) -> bool:
     """The slot scores 1 in ``frame_metrics`` (fuzzy ratio 1.0 for non-categorical values)."""
-    if not ref:
-        return not hyp
-    if not hyp:
-        return False
-    return hyp[0] in ref if categorical else fuzzy_match(ref, hyp[0]) >= 1.0
+    return slot_score(ref, hyp, categorical) >= 1.0
 
 
 def _value_source(vals: list[str], user: str, system: str, earlier: list[str],

@@ -9,11 +9,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from core.queue import app
 
 log = logging.getLogger(__name__)
+
+
+def training_data_dir(data: str) -> Path:
+    """The folder a training request names: absolute, or relative to the data root."""
+    from core.settings import get_settings
+
+    return Path(data) if data.startswith("/") else get_settings().data_root / data
 
 
 @app.task(name="industrial_qa.inspect")
@@ -35,13 +43,12 @@ def _train(job_key: str, line: str, data: str, steps: int | None = None,
     import torch
 
     from core.jobs import JobReporter
-    from core.settings import get_settings
     from solutions.industrial_qa.detector import DetectorConfig
     from solutions.industrial_qa.evaluation import train_line
     from solutions.industrial_qa.service import record_model_version
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
-    path = data if data.startswith("/") else str(get_settings().data_root / data)
+    path = str(training_data_dir(data))
     cfg = DetectorConfig()
     if steps is not None:
         cfg.features.steps = int(steps)

@@ -92,8 +92,9 @@ def training_request_problem(data: str, backbone: str = "") -> str | None:
     """
     from core.errors import VerticalsError
     from core.settings import get_settings
+    from solutions.industrial_qa.tasks import training_data_dir
 
-    folder = Path(data) if data.startswith("/") else get_settings().data_root / data
+    folder = training_data_dir(data)
     if not folder.is_dir():
         return f"data folder not found: {folder} (give an absolute path or one under {get_settings().data_root})"
     if backbone:
