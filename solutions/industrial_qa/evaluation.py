@@ -69,7 +69,8 @@ def _matching_model(line: str, data_dir: Path, config: DetectorConfig) -> Anomal
         return None
     det = AnomalyDetector.load(store.active_path(line))
     same_data = det.info.get("data") == str(Path(data_dir).expanduser().resolve())
-    inference_only = ("fusion", "norm", "background", "blur_sigma", "batch_size", "target_far", "global_weight")
+    inference_only = ("fusion", "norm", "background", "blur_sigma", "batch_size", "target_far", "global_weight",
+                      "coarse_background")
     a = {k: v for k, v in det.config.to_dict().items() if k not in inference_only}
     b = {k: v for k, v in config.to_dict().items() if k not in inference_only}
     if not (same_data and a == b and det.fewshot is None):

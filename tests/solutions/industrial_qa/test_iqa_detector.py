@@ -332,6 +332,41 @@ def test_coarse_branch_flags_a_large_texture_change_that_each_patch_alone_does_n
     assert float(ok.max()) < float(cmap.max())
 
 
+def test_coarse_map_keeps_a_texture_change_over_most_of_the_part_without_median_subtraction(
+        tiny_detector, tmp_path: Path) -> None:
+    """``coarse_background="none"`` (the default): a texture change over three quarters of the part is
+    not cancelled by the part's own median, so those regions stay above a new normal part's map;
+    with ``"median"`` (models saved before the option) they sit at the part's median level."""
+    from solutions.industrial_qa.detector import DetectorConfig
+
+    g = torch.Generator().manual_seed(0)
+    det = AnomalyDetector(DetectorConfig(coarse_grid=4, coarse_bank=128, bank_dim=8))
+    assert det.config.coarse_background == "none"
+    normal = torch.randn(40, 16, 16, 16, generator=g)                # (n, D, h, w) patch features
+    det._fit_coarse_bank(det._regions(normal[:30]).permute(0, 2, 3, 1).reshape(-1, 32))
+    hold = det._coarse_raw(normal[30:])
+    _, mu, sd = det._loo_z(hold, 0.25 * float(hold.std(0).mean()))
+    det.coarse_stats = torch.stack([mu, sd])
+    part = torch.randn(1, 16, 16, 16, generator=g)
+    changed = torch.ones(16, 16, dtype=torch.bool)
+    changed[:8, :8] = False                                          # 3/4 of the part
+    part[:, :, changed] = (part[:, :, changed] * 3).clamp(-3, 3)
+    ok = det.coarse_map(torch.randn(1, 16, 16, 16, generator=g))
+    cmap = det.coarse_map(part)
+    assert float(cmap[0, 12:, 12:].min()) > float(ok.max())
+    det.config.coarse_background = "median"
+    med = det.coarse_map(part)
+    assert float(med[0, 12:, 12:].mean()) < float(cmap[0, 12:, 12:].mean()) - 1.0
+    assert float(med[0, :4, :4].max()) < float(ok.min())           # the unchanged quarter pushed below normal
+    # models saved before the option keep the median subtraction (and score as they did)
+    meta_path = tiny_detector.save(tmp_path / "m") / "detector.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"]["coarse_background"] == "none"
+    del meta["config"]["coarse_background"]
+    meta_path.write_text(json.dumps(meta))
+    assert AnomalyDetector.load(tmp_path / "m").config.coarse_background == "median"
+
+
 def _with_and_without(det: AnomalyDetector, iqa_src: Path, weight: str) -> tuple[np.ndarray, object, object]:
     """Two "uneven" test parts, scored as configured and with the config field ``weight`` set to 0."""
     x = np.stack([to_tensor_array(read_image(p), 64) for p in sorted((iqa_src / "test" / "uneven").iterdir())[:2]])
