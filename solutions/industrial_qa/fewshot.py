@@ -9,9 +9,10 @@ On top of the frozen unsupervised detector, three small scikit-learn heads:
 * a defect-type classifier on anomaly-weighted pooled features when types are labelled.
 
 Whether the heads replace the unsupervised map / score is decided by nested cross-validation inside
-the labelled data (``FewShotHead.cross_validate``): with 50 shots the supervised image head's CV gain
-was noise that did not carry over to new parts, so it is used only when it wins in >= 95% of paired
-bootstrap resamples; otherwise the unsupervised score is kept and a few labels cannot make it worse.
+the labelled data (``FewShotHead.cross_validate``; the map candidates are the unsupervised map, the
+patch head's logit, and ``"fused"``: their sum, the logit scaled to the map's spread on normal parts).
+With 50 shots the supervised image head's CV gain was noise that did not carry over to new parts,
+so it is used only when it wins in >= 95% of paired bootstrap resamples; otherwise the unsupervised score is kept and a few labels cannot make it worse.
 The detector's own held-out normals are scored leave-one-out (``AnomalyDetector.holdout_outputs``).
 
 Data contract: ``shots (K, 3, S, S)`` float32, ``masks (K, S, S)`` uint8 or None, ``types`` (K,),
@@ -89,8 +90,10 @@ class FewShotHead:
         self.unsup_col = True   # the image head sees the unsupervised score (False: older heads)
         self.type_w: np.ndarray | None = None       # (T, D)
         self.type_b: np.ndarray | None = None       # (T,)
-        # chosen by nested CV in ``fit``: "head" = the supervised map / score, "unsup" = the detector's own
+        # chosen by nested CV in ``fit``: "head" = the supervised map / score, "unsup" = the detector's own,
+        # "fused" (map only) = the unsupervised map + fuse_scale x the patch logit
         self.map_mode = "head"
+        self.fuse_scale = 0.0   # patch logit -> unsupervised map units (std ratio on the normals' patches)
         self.image_mode = "head"
         self.cv: dict = {}                          # the CV figures the choice was made on
         self.cv_scores: dict[str, np.ndarray] = {}  # CV scores of the last fit (shots, then normals)
@@ -133,9 +136,13 @@ class FewShotHead:
         head = cls._fit_heads(det, d_out, n_out, masks, size, seed)
         cv = cls.cross_validate(det, d_out, n_out, masks, size, seed)
         head.cv = {k: v for k, v in cv.items() if not k.startswith("scores")}
-        if cv["map_head_auroc"] is not None and (cv["map_head_auroc"] <= cv["map_unsup_auroc"]
-                                                 or cv["map_head_aupro"] <= cv["map_unsup_aupro"]):
-            head.map_mode = "unsup"
+        if cv["map_head_auroc"] is not None:
+            # a supervised map only where it beats the unsupervised one on both pixel AUROC and AUPRO;
+            # of those, the higher pixel AUROC
+            wins = [(cv[f"map_{m}_auroc"], m) for m in ("head", "fused")
+                    if cv.get(f"map_{m}_auroc") is not None and cv[f"map_{m}_auroc"] > cv["map_unsup_auroc"]
+                    and cv[f"map_{m}_aupro"] > cv["map_unsup_aupro"]]
+            head.map_mode = max(wins)[1] if wins else "unsup"
         if cv["image_gain_confidence"] < min_confidence:
             head.image_mode = "unsup"
         scores = cv["scores_head"] if head.image_mode == "head" else cv["scores_unsup"]
@@ -200,6 +207,10 @@ class FewShotHead:
                 head.patch_b = float(lr.intercept_[0])
                 head.patch_mu = torch.from_numpy(mu.astype(np.float32))
                 head.patch_sd = torch.from_numpy(sd.astype(np.float32))
+                # the fused map adds the logit in the unsupervised map's units: std ratio on normal parts
+                pn = head._patch_logits(det, n_out.feats, n_out.knn, n_out.seg, n_out.coarse)
+                un = det.fuse(n_out.knn, n_out.seg, n_out.coarse)
+                head.fuse_scale = float(un.std() / pn.std().clamp_min(1e-6))
         xi = np.concatenate([head._stats(det, d_out, size), head._stats(det, n_out, size)])
         yi = np.concatenate([np.ones(len(d_out.scores)), np.zeros(len(n_out.scores))])
         head.img_mu, head.img_sd = xi.mean(0), xi.std(0) + 1e-6
@@ -244,7 +255,7 @@ class FewShotHead:
         cv_head = np.zeros(k + n)
         unsup = np.concatenate([d_out.scores, n_out.scores]).astype(np.float64)
         small = 64
-        pix_y, pix_head, pix_unsup = [], [], []
+        pix_y, pix_head, pix_unsup, pix_fused = [], [], [], []
         for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y):
             dtr, ntr = tr[tr < k], tr[tr >= k] - k
             dte, nte = te[te < k], te[te >= k] - k
@@ -256,6 +267,8 @@ class FewShotHead:
                 cv_head[idx + (0 if out is d_out else k)] = h._image_logit(stats)
                 if masks is not None and p is not None:
                     mh = F.interpolate(maps[:, None], size=(small, small), mode="area")[:, 0]
+                    fz = det.upsample(det.fuse(sub.knn, sub.seg, sub.coarse) + h.fuse_scale * p, size)
+                    pix_fused.append(F.interpolate(fz[:, None], size=(small, small), mode="area")[:, 0].numpy())
                     mu = F.interpolate(torch.from_numpy(sub.maps)[:, None], size=(small, small), mode="area")[:, 0]
                     if out is d_out:
                         t = torch.from_numpy(masks[idx].astype(np.float32))[:, None]
@@ -273,12 +286,14 @@ class FewShotHead:
         out = {"folds": folds, "image_head_auroc": float(roc_auc_score(y, cv_head)),
                "image_unsup_auroc": float(roc_auc_score(y, unsup)), "image_gain_confidence": wins / n_boot,
                "map_head_auroc": None, "map_unsup_auroc": None, "map_head_aupro": None,
-               "map_unsup_aupro": None, "scores_head": cv_head, "scores_unsup": unsup}
+               "map_unsup_aupro": None, "map_fused_auroc": None, "map_fused_aupro": None,
+               "scores_head": cv_head, "scores_unsup": unsup}
         if pix_y and np.concatenate(pix_y).any():
             from solutions.industrial_qa.metrics import aupro
 
             py = np.concatenate(pix_y)
-            for name, maps in (("head", np.concatenate(pix_head)), ("unsup", np.concatenate(pix_unsup))):
+            for name, maps in (("head", np.concatenate(pix_head)), ("unsup", np.concatenate(pix_unsup)),
+                               ("fused", np.concatenate(pix_fused))):
                 out[f"map_{name}_auroc"] = float(roc_auc_score(py.ravel(), maps.ravel()))
                 out[f"map_{name}_aupro"] = float(aupro(maps, py))
         return out
@@ -294,17 +309,19 @@ class FewShotHead:
 
     def patch_map(self, det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor,
                   seg: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
-        """Stride-8 map ``(B, h, w)``: the supervised patch logit, or the unsupervised fusion (no patch
-        head, or CV chose the unsupervised map)."""
-        p = self._patch_logits(det, feats, knn, seg, coarse) if self.map_mode == "head" else None
-        return p if p is not None else det.fuse(knn, seg, coarse)
+        """Stride-8 map ``(B, h, w)``: the supervised patch logit, the unsupervised fusion (no patch
+        head, or CV chose the unsupervised map), or their sum (``"fused"``, logit x ``fuse_scale``)."""
+        p = self._patch_logits(det, feats, knn, seg, coarse) if self.map_mode in ("head", "fused") else None
+        if p is None:
+            return det.fuse(knn, seg, coarse)
+        return det.fuse(knn, seg, coarse) + self.fuse_scale * p if self.map_mode == "fused" else p
 
     def image_score(self, det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor, seg: torch.Tensor,
                     maps: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
         """Image scores ``(B,)``; ``maps`` are the upsampled :meth:`patch_map` of the batch."""
         size = maps.shape[-1]
         if self.image_mode == "unsup":
-            if self.map_mode != "head" or self.patch_w is None:
+            if self.map_mode == "unsup" or self.patch_w is None:
                 return maps.flatten(1).max(1).values
             return det.upsample(det.fuse(knn, seg, coarse), size).flatten(1).max(1).values
         p = self._patch_logits(det, feats, knn, seg, coarse)
@@ -341,6 +358,7 @@ class FewShotHead:
         return {"patch_b": self.patch_b, "img_w": self.img_w.tolist(), "img_b": self.img_b,
                 "img_mu": self.img_mu.tolist(), "img_sd": self.img_sd.tolist(), "type_names": self.type_names,
                 "unsup_col": self.unsup_col, "map_mode": self.map_mode, "image_mode": self.image_mode,
+                "fuse_scale": self.fuse_scale,
                 "cv": self.cv}
 
     @classmethod
@@ -353,6 +371,7 @@ class FewShotHead:
         head.unsup_col = bool(meta.get("unsup_col", False))  # heads saved before the column existed
         head.map_mode = meta.get("map_mode", "head")           # heads saved before the CV choice
         head.image_mode = meta.get("image_mode", "head")
+        head.fuse_scale = float(meta.get("fuse_scale", 0.0))
         head.cv = dict(meta.get("cv", {}))
         if "fewshot.patch_w" in tensors:
             head.patch_w = tensors["fewshot.patch_w"]

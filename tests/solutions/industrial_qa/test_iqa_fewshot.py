@@ -47,8 +47,12 @@ def test_few_shot_falls_back_to_the_unsupervised_detector_when_cv_says_so(tiny_d
     assert 0.0 <= cv["image_gain_confidence"] <= 1.0
     assert head.image_mode == ("head" if cv["image_gain_confidence"] >= 0.95 else "unsup")
     if cv["map_head_auroc"] is not None:
-        better = cv["map_head_auroc"] > cv["map_unsup_auroc"] and cv["map_head_aupro"] > cv["map_unsup_aupro"]
-        assert head.map_mode == ("head" if better else "unsup")
+        # a supervised map (the head's, or the fused one) only where it beats the unsupervised map on
+        # both CV pixel AUROC and AUPRO; of those the higher pixel AUROC
+        wins = [(cv[f"map_{m}_auroc"], m) for m in ("head", "fused")
+                if cv[f"map_{m}_auroc"] > cv["map_unsup_auroc"] and cv[f"map_{m}_aupro"] > cv["map_unsup_aupro"]]
+        assert head.map_mode == (max(wins)[1] if wins else "unsup")
+        assert head.fuse_scale > 0
     # forced to the unsupervised image score, the refined detector ranks parts exactly as before
     plain = det.score_arrays(x)
     det.fewshot = head
@@ -59,8 +63,17 @@ def test_few_shot_falls_back_to_the_unsupervised_detector_when_cv_says_so(tiny_d
         np.testing.assert_allclose(out.maps, plain.maps, rtol=1e-5, atol=1e-5)
         head.map_mode = "head"          # supervised map, unsupervised image score
         np.testing.assert_allclose(det.score_arrays(x).scores, plain.scores, rtol=1e-5, atol=1e-5)
-        head.image_mode = "head"
+        head.map_mode = "fused"         # unsupervised map + the scaled patch logit; image score unchanged
+        fused = det.score_arrays(x)
+        np.testing.assert_allclose(fused.scores, plain.scores, rtol=1e-5, atol=1e-5)
+        p = head._patch_logits(det, plain.feats, plain.knn, plain.seg, plain.coarse)
+        want = det.upsample(det.fuse(plain.knn, plain.seg, plain.coarse) + head.fuse_scale * p, size)
+        np.testing.assert_allclose(fused.maps, want.numpy(), rtol=1e-4, atol=1e-4)
         det.calibrator = calib
+        back = AnomalyDetector.load(det.save(tmp_path / "f"))
+        assert back.fewshot.map_mode == "fused" and back.fewshot.fuse_scale == pytest.approx(head.fuse_scale)
+        np.testing.assert_allclose(back.score_arrays(x).maps, fused.maps, rtol=1e-4, atol=1e-4)
+        head.image_mode, head.map_mode = "head", "head"
         det.save(tmp_path / "m")
         back = AnomalyDetector.load(tmp_path / "m")
         assert (back.fewshot.image_mode, back.fewshot.map_mode) == ("head", "head")
