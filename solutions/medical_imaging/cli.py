@@ -161,6 +161,28 @@ def evaluate(
     typer.echo(json.dumps(res))
 
 
+@app.command()
+def oof(
+    out: Annotated[Path, typer.Option(help="Folder for the fold files (fold<i>.npz, fold<i>.safetensors).")],
+    data: Annotated[Path | None, typer.Option(help="A MedPix-layout folder (its train split only is read).")] = None,
+    fold: Annotated[list[int] | None, typer.Option(help="Fold(s) to run (default: all).")] = None,
+    folds: Annotated[int, typer.Option(help="Number of case-disjoint folds.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the fold split and of training.")] = 0,
+    centre_zoom: Annotated[float, typer.Option(help="Two-view encoder: also the central 1/zoom of the image (0: off).")] = 0.0,
+    report: Annotated[bool, typer.Option("--report", help="Only score the stored folds (shipped fusion weights).")] = False,
+) -> None:
+    """Case-disjoint out-of-fold harness on TRAIN: a CNN + side models per fold; prints OOF accuracies."""
+    from core.settings import get_settings
+    from solutions.medical_imaging import oof as harness
+
+    root = data or get_settings().data_root / "medical" / "medpix2"
+    if not report:
+        _log(f"{harness.prepare_cache(root, out)} texts embedded")
+        for i in fold if fold else range(folds):
+            harness.run_fold(root, out, i, folds, seed, centre_zoom=centre_zoom, log=_log)
+    typer.echo(json.dumps(harness.score(harness.collect(root, out))))
+
+
 @app.command("export")
 def export_cmd(
     study_uid: Annotated[str, typer.Argument(help="A study with a signed report.")],
