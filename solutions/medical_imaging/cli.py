@@ -168,7 +168,6 @@ def oof(
     fold: Annotated[list[int] | None, typer.Option(help="Fold(s) to run (default: all).")] = None,
     folds: Annotated[int, typer.Option(help="Number of case-disjoint folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the fold split and of training.")] = 0,
-    centre_zoom: Annotated[float, typer.Option(help="Two-view encoder: also the central 1/zoom of the image (0: off).")] = 0.0,
     report: Annotated[bool, typer.Option("--report", help="Only score the stored folds (shipped fusion weights).")] = False,
 ) -> None:
     """Case-disjoint out-of-fold harness on TRAIN: a CNN + side models per fold; prints OOF accuracies."""
@@ -179,7 +178,7 @@ def oof(
     if not report:
         _log(f"{harness.prepare_cache(root, out)} texts embedded")
         for i in fold if fold else range(folds):
-            harness.run_fold(root, out, i, folds, seed, centre_zoom=centre_zoom, log=_log)
+            harness.run_fold(root, out, i, folds, seed, log=_log)
     typer.echo(json.dumps(harness.score(harness.collect(root, out))))
 
 

@@ -81,10 +81,8 @@ def prepare_cache(data_dir: str | Path, out_dir: str | Path) -> int:
 
 
 def run_fold(data_dir: str | Path, out_dir: str | Path, fold: int, k: int = 5, seed: int = 0,
-             epochs: int | None = None, centre_zoom: float = 0.0,
-             log: Callable[[str], None] = lambda m: None) -> Path:
-    """Train the encoder + side models on the other folds; store the held-out fold's outputs. Returns the npz.
-    ``centre_zoom``: the two-view encoder (:class:`reporter.ReporterConfig`); 0 = the whole canvas only."""
+             epochs: int | None = None, log: Callable[[str], None] = lambda m: None) -> Path:
+    """Train the encoder + side models on the other folds; store the held-out fold's outputs. Returns the npz."""
     import json
 
     from safetensors.torch import save_file
@@ -104,8 +102,7 @@ def run_fold(data_dir: str | Path, out_dir: str | Path, fold: int, k: int = 5, s
     for s in tr:
         counts[s.category] = counts.get(s.category, 0) + 1
     cats = tuple(sorted(c for c, n in counts.items() if n >= 15)) + ("other",)
-    cfg = ReporterConfig(categories=cats, image_size=pl.IMAGE_SIZE, history_dropout=pl.HISTORY_DROPOUT,
-                         centre_zoom=centre_zoom)
+    cfg = ReporterConfig(categories=cats, image_size=pl.IMAGE_SIZE, history_dropout=pl.HISTORY_DROPOUT)
     emb = pl.CachedEmbedder(out / "text_cache.npz")
     A, B = pl._arrays(tr, cfg, emb), pl._arrays(te, cfg, emb)
     torch.manual_seed(seed)

@@ -33,7 +33,6 @@ class ReporterConfig:
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
     layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # basic blocks per ResNet stage
     tta: bool = True  # heads average the image and its mirror at inference
-    centre_zoom: float = 0.0  # > 1: the trunk also reads the central 1/zoom of the canvas, upsampled (two views)
     history_dropout: float = 0.0  # dropout on the history embedding and its projection (training only)
     embed_dim: int = 128  # joint CLIP space
     categories: tuple[str, ...] = ()
@@ -71,9 +70,6 @@ class ImageEncoder(nn.Module):
                             n_input_channels=1, num_classes=0, feed_forward=False, conv1_t_stride=2)
         feat = cfg.channels[-1]
         self.feat_dim = feat
-        # Two views (cfg.centre_zoom > 1): the same trunk on the whole canvas and on its centre crop, mixed back
-        # to the trunk width, so every head and the decoder see one feature of the usual size.
-        self.mix = nn.Sequential(nn.Linear(2 * feat, feat), nn.GELU()) if cfg.centre_zoom > 1 else None
         self.history = nn.Sequential(nn.Linear(TEXT_DIM, feat), nn.GELU())
         self.modality = nn.Linear(feat, len(MODALITIES))
         self.plane = nn.Linear(feat, len(PLANES))
@@ -86,10 +82,7 @@ class ImageEncoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, F) pooled trunk features."""
-        x = x * 2.0 - 1.0
-        if self.mix is None:
-            return self.trunk(x)
-        return self.mix(torch.cat([self.trunk(x), self.trunk(centre_crop(x, self.cfg.centre_zoom))], dim=-1))
+        return self.trunk(x * 2.0 - 1.0)
 
     def forward(self, x: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
         """``history`` (B, 384) MiniLM embedding of the clinical history (zeros when absent)."""
@@ -106,14 +99,6 @@ class ImageEncoder(nn.Module):
             "abnormal": self.abnormal(f).squeeze(-1),
             "embedding": F.normalize(self.proj(f), dim=-1),  # (B, E)
         }
-
-
-def centre_crop(x: torch.Tensor, zoom: float) -> torch.Tensor:
-    """(B, C, S, S) -> the central S/zoom square, bilinearly resized back to (B, C, S, S)."""
-    S = x.shape[-1]
-    c = max(1, int(round(S / zoom)))
-    o = (S - c) // 2
-    return F.interpolate(x[..., o:o + c, o:o + c], size=(S, S), mode="bilinear", align_corners=False)
 
 
 class TextProjector(nn.Module):

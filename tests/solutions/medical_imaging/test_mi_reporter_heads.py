@@ -65,29 +65,3 @@ def test_train_encoder_learns_the_heads_on_its_arrays() -> None:
     out = _encode_all(enc, images, A.history)
     assert (out["modality"].argmax(1) == modality).mean() >= 0.9
 
-
-def test_two_view_encoder_reads_the_centre_crop_and_old_configs_stay_single_view() -> None:
-    import torch
-
-    from solutions.medical_imaging.reporter import ImageEncoder, ReporterConfig, centre_crop
-
-    x = torch.zeros(2, 1, 32, 32)
-    x[:, :, 12:20, 12:20] = 1.0  # a bright centre square of a quarter of the side
-    c = centre_crop(x, 2.0)
-    assert c.shape == x.shape
-    assert c[:, :, 10:22, 10:22].mean() > 0.9 and c[:, :, :2].max() == 0  # zoomed 2x: it fills the middle half
-    cfg = ReporterConfig(image_size=32, channels=(8, 8, 16, 16), categories=("other",), centre_zoom=2.0)
-    enc = ImageEncoder(cfg).eval()
-    assert enc.mix is not None
-    out = enc(x, torch.zeros(2, 384))
-    assert out["feature"].shape == (2, 16) and out["region"].shape == (2, 5)
-    # the feature is the mix of both views: the same trunk on the whole image and on its centre crop
-    with torch.no_grad():
-        t = x * 2.0 - 1.0
-        expect = enc.mix(torch.cat([enc.trunk(t), enc.trunk(centre_crop(t, 2.0))], dim=-1))
-        np.testing.assert_allclose(enc.features(x).numpy(), expect.numpy(), rtol=1e-5, atol=1e-6)
-    d = cfg.to_dict()
-    assert ReporterConfig.from_dict(d).centre_zoom == 2.0
-    d.pop("centre_zoom")  # a config.json written before the two-view encoder existed
-    old = ReporterConfig.from_dict(d)
-    assert old.centre_zoom == 0.0 and ImageEncoder(old).mix is None
