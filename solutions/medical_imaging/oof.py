@@ -98,11 +98,7 @@ def run_fold(data_dir: str | Path, out_dir: str | Path, fold: int, k: int = 5, s
     folds = case_folds([s.case_id for s in samples], k, seed)
     tr = [s for s, f in zip(samples, folds, strict=True) if f != fold]
     te = [s for s, f in zip(samples, folds, strict=True) if f == fold]
-    counts: dict[str, int] = {}
-    for s in tr:
-        counts[s.category] = counts.get(s.category, 0) + 1
-    cats = tuple(sorted(c for c, n in counts.items() if n >= 15)) + ("other",)
-    cfg = ReporterConfig(categories=cats, image_size=pl.IMAGE_SIZE, history_dropout=pl.HISTORY_DROPOUT)
+    cfg = ReporterConfig(categories=pl.finding_categories(tr), image_size=pl.IMAGE_SIZE, history_dropout=pl.HISTORY_DROPOUT)
     emb = pl.CachedEmbedder(out / "text_cache.npz")
     A, B = pl._arrays(tr, cfg, emb), pl._arrays(te, cfg, emb)
     torch.manual_seed(seed)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,6 +297,13 @@ def train_encoder(cfg: ReporterConfig, A: Arrays, epochs: int, gen: torch.Genera
     return enc, txt
 
 
+def finding_categories(train: Sequence[MedPixSample], min_count: int = 15) -> tuple[str, ...]:
+    """The finding categories the category head predicts: those with >= ``min_count`` training images,
+    sorted, plus "other" for the rest."""
+    counts = Counter(s.category for s in train)
+    return tuple(sorted(c for c, n in counts.items() if n >= min_count)) + ("other",)
+
+
 def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = ENC_EPOCHS, dec_epochs: int = 15,
                    limit: int | None = None, seed: int = 0, progress: ProgressFn | None = None,
                    log: Callable[[str], None] = lambda m: None, threads: int | None = None,
@@ -319,10 +327,7 @@ def train_reporter(data_dir: str | Path, out_dir: str | Path, enc_epochs: int = 
     train = load_medpix(data_dir, "train")
     if limit:
         train = train[:limit]
-    counts: dict[str, int] = {}
-    for s in train:
-        counts[s.category] = counts.get(s.category, 0) + 1
-    cats = tuple(sorted(c for c, n in counts.items() if n >= 15)) + ("other",)
+    cats = finding_categories(train)
     vocab = Vocab.build([s.caption for s in train], min_count=2 if len(train) > 500 else 1)
     cfg = ReporterConfig(categories=cats, vocab=vocab.ids, image_size=image_size,
                          history_dropout=history_dropout)
