@@ -71,15 +71,44 @@ def evaluate(
 @app.command()
 def holdout(
     data_root: DataRoot = None,
-    dialogues: Annotated[int, typer.Option(help="Held-out SGD train dialogues (outside the tracker's training sample).")] = 400,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out sample.")] = 7,
+    dialogues: Annotated[int, typer.Option(help="Held-out SGD train dialogues (outside the tracker's training "
+                                                "sample; 0 = 400, or 150 per part with --unseen-services).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out sample (seen-service run).")] = 7,
+    unseen_services: Annotated[str, typer.Option(help="Pseudo-unseen check: comma-separated SGD train services "
+                                                      "(or 'default') held back from the training sample; heads are "
+                                                      "trained without them (or loaded, cached under VERTICALS_HOME) "
+                                                      "and scored on held-out dialogues with them.")] = "",
+    part: Annotated[int, typer.Option(help="Pseudo-unseen: which disjoint held-out part (0, 1, ...).")] = 0,
+    ensemble: Annotated[int, typer.Option(help="Pseudo-unseen: ensemble members of its heads (0 = 1).")] = 0,
+    train_dialogues: Annotated[int, typer.Option(help="Pseudo-unseen: the seeded training sample it starts from "
+                                                      "(0 = the default recipe's).")] = 0,
+    decisions: Annotated[str, typer.Option(help="JSON object of decision settings to use for this run only, e.g. "
+                                                '\'{"status_logit_bias_unseen": [0.5, 0, 0, 0, 0]}\'.')] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON line on stdout.")] = False,
 ) -> None:
-    """Score the stored tracker on held-out SGD *train* dialogues (where DST choices are made, never dev),
-    with the per-slot error breakdown; last stdout line is JSON."""
-    from solutions.customer_service.pipeline import holdout_dst
+    """Score a tracker on held-out SGD *train* dialogues (where DST choices are made, never dev), with the
+    per-slot error breakdown; last stdout line is JSON. Without --unseen-services: the stored tracker, seen
+    services only. With it: the pseudo-unseen check (seen / unseen = the heads' training services)."""
+    from core.errors import DataError
+    from solutions.customer_service import pipeline as P
 
-    res = holdout_dst(_root(data_root), dialogues, seed=seed)
+    try:
+        dec = json.loads(decisions) if decisions else None
+    except ValueError as e:
+        raise DataError(f"--decisions is not JSON: {e}") from e
+    if dec is not None and not isinstance(dec, dict):
+        raise DataError("--decisions takes a JSON object")
+    try:
+        if unseen_services:
+            names = (P.PSEUDO_UNSEEN_SERVICES if unseen_services == "default"
+                     else tuple(s.strip() for s in unseen_services.split(",") if s.strip()))
+            res = P.holdout_unseen_dst(_root(data_root), names, dialogues or P.PSEUDO_UNSEEN_DIALOGUES, part=part,
+                                       train_dialogues=train_dialogues or None,
+                                       ensemble=ensemble or P.PSEUDO_UNSEEN_ENSEMBLE, decisions=dec)
+        else:
+            res = P.holdout_dst(_root(data_root), dialogues or 400, seed=seed, decisions=dec)
+    except ValueError as e:  # decision settings that are not decisions
+        raise DataError(str(e)) from e
     if not as_json:
         for k, v in res.items():
             typer.echo(f"{k:>28}: {v}", err=True)

@@ -207,13 +207,16 @@ def _batches(n: int, bs: int, rng: random.Random, lengths: list[int] | None = No
 
 
 def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, Any]], encoder: MiniLMEncoder,
-                  cfg: TrackerConfig, reporter: Any = None, base: TrackerHeads | None = None) -> DialogueStateTracker:
+                  cfg: TrackerConfig, reporter: Any = None, base: TrackerHeads | None = None,
+                  feats: list[TurnFeatures] | None = None) -> DialogueStateTracker:
     """Encode the training turns, build labels, train every head; returns the tracker.
 
     ``base``: heads already trained on the same dialogues with the same seed (e.g. a stored tracker without
     ``ensemble_values``): their weights are taken over and only the heads they lack are trained. Every head
     group (main heads, a member's intent and slot heads, a member's value and span heads) trains from its own
-    seed, so the result equals training everything from scratch."""
+    seed, so the result equals training everything from scratch. ``feats``: the encoder features of the
+    dialogues' user turns (``iter_user_turns`` order, the precision of ``cfg``), e.g. a subset of a larger
+    cached set (the pseudo-unseen harness); encoded here when ``None``."""
     from core.jobs import progress
     from solutions.customer_service.dst import iter_user_turns
 
@@ -223,8 +226,11 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     encoder = encoder.variant(cfg.encoder_int8)
     bank = SchemaBank(schemas, encoder, full=True)
     pairs = list(iter_user_turns(dialogues))
-    feats = encode_pairs(encoder, [p[2] for p in pairs], [p[3] for p in pairs], desc="encoding SGD train",
-                         reporter=reporter)
+    if feats is None:
+        feats = encode_pairs(encoder, [p[2] for p in pairs], [p[3] for p in pairs], desc="encoding SGD train",
+                             reporter=reporter)
+    elif len(feats) != len(pairs):
+        raise ValueError(f"{len(feats)} turn features for {len(pairs)} user turns")
     ex = build_examples(dialogues, feats, bank)
     U = torch.from_numpy(np.stack([f.u for f in feats])).float()  # (N, 384)
     S = torch.from_numpy(np.stack([f.s for f in feats])).float()

@@ -1,0 +1,122 @@
+"""Pseudo-unseen harness (``holdout --unseen-services``), decision overrides and one value, one slot."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tests.solutions.customer_service.conftest import SHARED, TINY_SERVICE
+
+
+@pytest.fixture(scope="module")
+def sgd_train():  # noqa: ANN201 - SGD train, loaded once for this module (~15 s on the shared VM)
+    if not SHARED.exists():
+        pytest.skip(f"SGD data not found at {SHARED} (the shared customer_service datasets, see its README)")
+    from solutions.customer_service.data import load_sgd
+
+    return load_sgd(SHARED, "train")
+
+
+def tiny_service_data(split) -> tuple[list[dict], dict[str, dict]]:  # noqa: ANN001 - conftest's, on ``split``
+    return [d for d in split.dialogues if d["services"] == [TINY_SERVICE]], {TINY_SERVICE: split.schemas[TINY_SERVICE]}
+
+
+def test_decision_overrides_refuse_training_settings() -> None:
+    from solutions.customer_service.dst import TrackerConfig, with_decisions
+
+    cfg = TrackerConfig()
+    out = with_decisions(cfg, {"status_logit_bias_unseen": [1.0, 0, 0, 0, 0], "request_threshold": 0.5})
+    assert out.status_logit_bias_unseen == [1.0, 0, 0, 0, 0] and out.request_threshold == 0.5
+    assert cfg.request_threshold == 0.0  # a copy: the stored config is untouched
+    with pytest.raises(ValueError, match="retrained heads"):
+        with_decisions(cfg, {"epochs": 5})
+
+
+def test_pseudo_unseen_split_holds_the_services_out_of_training(sgd_train) -> None:  # noqa: ANN001
+    from solutions.customer_service.pipeline import pseudo_unseen_split
+
+    held = ("Hotels_3", "Music_2")
+    sample, keep, part0 = pseudo_unseen_split(SHARED, held, 6, 200, part=0, split=sgd_train)
+    _, _, part1 = pseudo_unseen_split(SHARED, held, 6, 200, part=1, split=sgd_train)
+    assert len(sample) == 200 and 0 < len(keep) < len(sample)
+    assert not any(set(held) & set(d["services"]) for d in keep)
+    ids0 = [d["dialogue_id"] for d in part0.dialogues]
+    ids1 = [d["dialogue_id"] for d in part1.dialogues]
+    assert len(ids0) == len(ids1) == 6 and not set(ids0) & set(ids1)  # disjoint parts
+    assert not set(ids0) & {d["dialogue_id"] for d in sample}  # never a training dialogue
+    assert all(set(held) & set(d["services"]) for d in part0.dialogues)
+    assert ids0 == [d["dialogue_id"] for d in pseudo_unseen_split(SHARED, held, 6, 200, part=0, split=sgd_train)[2].dialogues]
+
+
+def test_holdout_unseen_trains_once_and_scores_the_held_back_services(tmp_home, monkeypatch, sgd_train) -> None:  # noqa: ANN001
+    from core.settings import get_settings
+    from solutions.customer_service import pipeline as P
+    from solutions.customer_service.encoder import MiniLMEncoder
+
+    enc = MiniLMEncoder(cache_dir=None)
+    held = ("Hotels_3",)
+    calls = []
+    from solutions.customer_service import dst_train
+
+    orig = dst_train.train_tracker
+
+    def counting(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(dst_train, "train_tracker", counting)
+    out = P.holdout_unseen_dst(SHARED, held, n=2, train_dialogues=12, encoder=enc, epochs=1, ensemble=1,
+                               split=sgd_train, decisions={"status_logit_bias_unseen": [2.0, 0, 0, 0, 0]})
+    assert calls == [1]
+    assert out["unseen_services"] == ["Hotels_3"] and out["dialogues"] == 2 and out["frames_unseen"] > 0
+    assert "unseen" in out["errors"] and out["errors"]["unseen"]["frames"] == out["frames_unseen"]
+    folders = list((get_settings().models_dir / "customer_service" / "dst-sgd-pseudo-unseen").iterdir())
+    assert len(folders) == 1
+    recipe = json.loads((folders[0] / "recipe.json").read_text())
+    assert recipe["services"] == ["Hotels_3"] and recipe["kept_dialogues"] <= 12
+    cfg = json.loads((folders[0] / "config.json").read_text())
+    assert "Hotels_3" not in cfg["trained_services"] and cfg["train_dialogues"] == recipe["kept_dialogues"]
+    # the decision override is for that run only; a second run reuses the stored heads
+    assert cfg["status_logit_bias_unseen"] != [2.0, 0, 0, 0, 0]
+    again = P.holdout_unseen_dst(SHARED, held, n=2, train_dialogues=12, encoder=enc, epochs=1, ensemble=1,
+                                 split=sgd_train, breakdown=False)
+    assert calls == [1] and "errors" not in again
+
+
+def test_one_value_fills_one_slot() -> None:
+    from solutions.customer_service.dst import unique_values
+
+    fresh = [(1.0, "pickup_city", "sacramento"), (2.0, "pickup_location", "Sacramento"), (0.5, "pickup_date", "the 6th")]
+    assert unique_values(fresh, {}, 1) == [("pickup_location", "Sacramento"), ("pickup_date", "the 6th")]
+    # mode 2: not a value another slot of the service already holds (numbers excepted); mode 1 allows it
+    kept = {"dropoff_date": ["The 6th"], "number_of_rooms": ["2"]}
+    assert unique_values(fresh, kept, 2) == [("pickup_location", "Sacramento")]
+    assert unique_values([(0.1, "number_of_days", "2")], kept, 2) == [("number_of_days", "2")]
+    assert unique_values(fresh, kept, 1) == [("pickup_location", "Sacramento"), ("pickup_date", "the 6th")]
+    assert unique_values([(0.3, "a", "x")], {"a": ["x"]}, 2) == [("a", "x")]  # the slot's own value is no clash
+
+
+def test_unique_values_is_the_default_and_never_repeats_a_new_value(tiny_tracker_dir, sgd_train) -> None:  # noqa: ANN001
+    from solutions.customer_service.dst import DialogueStateTracker, TrackerConfig, with_decisions
+    from solutions.customer_service.encoder import MiniLMEncoder
+
+    assert TrackerConfig().unique_values == 1
+    pool, schemas = tiny_service_data(sgd_train)
+    tr = DialogueStateTracker.load(tiny_tracker_dir / "dst-sgd", MiniLMEncoder(cache_dir=None))
+    dialogues = random.Random(9).sample(pool, 3)
+    uniq = DialogueStateTracker(tr.heads, with_decisions(tr.cfg, {"unique_values": 1}), tr.encoder).track_sgd(dialogues, schemas)
+    assert tr.track_sgd(dialogues, schemas) == uniq
+    off = DialogueStateTracker(tr.heads, with_decisions(tr.cfg, {"unique_values": 0}), tr.encoder).track_sgd(dialogues, schemas)
+    assert len(off) == len(uniq)
+    cat = {s["name"] for s in schemas[TINY_SERVICE]["slots"] if s.get("is_categorical")}
+    for d in uniq:
+        prev: dict = {}
+        for t in d["turns"]:
+            if t["speaker"] != "USER":
+                continue
+            sv = t["frames"][0]["state"]["slot_values"]
+            new = [v[0].lower() for k, v in sv.items() if k not in cat and v != prev.get(k) and v[0] != "dontcare"]
+            assert len(new) == len(set(new))
+            prev = sv
