@@ -39,7 +39,7 @@ from solutions.industrial_qa.features import FeatureConfig, FeatureNet, train_fe
 Fusion = Literal["knn", "seg", "sum"]
 LOCAL_CANDIDATES = 20_000   # fit patches drawn per tile of the per-position bank before its coreset
 Norm = Literal["global", "position"]
-Background = Literal["none", "median"]
+Background = Literal["none", "median", "clip"]
 FORMAT_VERSION = 1
 
 
@@ -63,7 +63,12 @@ class DetectorConfig:
     target_far: float = 0.01
     fusion: Fusion = "sum"
     norm: Norm = "position"   # standardise maps per map position (or with one global mean/std)
-    background: Background = "median"  # subtract each part's median map level before scoring
+    # subtract each part's median map level before scoring; "clip" (the default) caps the subtracted
+    # median at the 95th percentile of the held-out normals' leave-one-out medians (stats["bg_cap"]):
+    # a part-wide offset inside the normal range is removed, the excess of a part elevated over most of
+    # its area is kept. Chosen on `validate` over three SSL seeds against "median" (pixel AUROC
+    # +0.002 / +0.003 / +0.002, image AUROC and AUPRO equal: BENCHMARKS); models saved with "median" keep it
+    background: Background = "clip"
     blur_sigma: float = 4.0
     batch_size: int = 32
     # coarse branch: (mean, std) of the patch features over a coarse_grid x coarse_grid grid of
@@ -598,6 +603,10 @@ class AnomalyDetector:
             (kz2, km, ksd), (sz2, sm, ssd) = self._loo_z(h_all[0]), self._loo_z(h_all[1])
             self.s2["stats"] = torch.stack([km, ksd, sm, ssd])                # (4, h/2, w/2)
             cz = _plus(cz, self._s2_term(kz2, sz2, *k_all.shape[-2:]))
+        if self.config.background == "clip":
+            # the cap is fixed before the held-out scores are computed, so they see what new parts will
+            self.stats["bg_cap"] = float(torch.quantile(self._fused_z(loo[0], loo[1]).flatten(1).median(1).values,
+                                                        0.95))
         small = self._combine(loo[0], loo[1], cz)
         scores = self.upsample(small, hold_x.shape[-1]).flatten(1).max(1).values
         if p_all is not None:
@@ -686,12 +695,19 @@ class AnomalyDetector:
         ``coarse`` is the context map (:meth:`coarse_map`, weights applied), added."""
         return self._combine(*self.standardise(knn, seg), coarse)
 
+    def _fused_z(self, kz: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        return kz if self.config.fusion == "knn" else sz if self.config.fusion == "seg" else kz + sz
+
     def _combine(self, kz: torch.Tensor, sz: torch.Tensor, cz: torch.Tensor | None = None) -> torch.Tensor:
-        z = kz if self.config.fusion == "knn" else sz if self.config.fusion == "seg" else kz + sz
-        if self.config.background == "median":
+        z = self._fused_z(kz, sz)
+        if self.config.background in ("median", "clip"):
             # a part-wide offset (lighting, texture density) is normal variation, not a defect; the
-            # median only moves when more than half of the part is elevated
-            z = z - z.flatten(1).median(1).values[:, None, None]
+            # median only moves when more than half of the part is elevated. "clip": only as far as
+            # held-out normal parts' medians go (without a fitted cap: the plain median)
+            med = z.flatten(1).median(1).values
+            if self.config.background == "clip" and "bg_cap" in self.stats:
+                med = med.clamp(max=self.stats["bg_cap"])
+            z = z - med[:, None, None]
         if cz is not None:
             z = z + cz
         return z

@@ -199,6 +199,7 @@ def test_median_background_ignores_part_wide_offsets_but_keeps_local_defects() -
     maps = torch.rand(12, 8, 8, generator=g)
     x = np.broadcast_to(np.arange(10, dtype=np.float32)[:, None, None, None], (10, 3, 8, 8)).copy()
     det = _synthetic_raw_detector(maps)
+    det.config.background = "median"
     det._fit_normalisation(x)
     base = maps[10:11]
     shifted, local = base + 3.0 * det.pos_stats[1], base.clone()   # +3 z everywhere
@@ -208,6 +209,31 @@ def test_median_background_ignores_part_wide_offsets_but_keeps_local_defects() -
     assert s_local > s_base + 1.0
     det.config.background = "none"
     assert float(det.fuse(shifted, shifted).max()) == pytest.approx(float(det.fuse(base, base).max()) + 3.0, abs=1e-4)
+
+
+def test_clipped_background_removes_normal_offsets_and_keeps_the_excess_of_an_elevated_part() -> None:
+    """``background="clip"`` (the default): the subtracted part median is capped at the 95th percentile
+    of the held-out normals' leave-one-out medians, fitted before their calibration scores; a part
+    elevated by less than that scores as with the plain median, one elevated far beyond it keeps the
+    excess (the plain median cancels it completely)."""
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(12, 8, 8, generator=g)
+    x = np.broadcast_to(np.arange(10, dtype=np.float32)[:, None, None, None], (10, 3, 8, 8)).copy()
+    det = _synthetic_raw_detector(maps)
+    assert det.config.background == "clip"
+    hold_scores = det._fit_normalisation(x)
+    cap = det.stats["bg_cap"]
+    assert 0.0 < cap < 3.0
+    base = maps[10:11]
+    small, big = base + 0.01 * det.pos_stats[1], base + 8.0 * det.pos_stats[1]  # +0.01 / +8 z everywhere
+    s_base, s_small, s_big = (float(det.fuse(m, m).max()) for m in (base, small, big))
+    assert s_small == pytest.approx(s_base, abs=0.05)
+    assert s_big > s_base + 6.0                                    # the excess over the cap stays
+    det.config.background = "median"
+    assert float(det.fuse(big, big).max()) == pytest.approx(s_base, abs=1e-3)
+    det.config.background = "clip"
+    # the calibration scores were computed with the cap (refit: same cap, same scores)
+    assert np.allclose(det._fit_normalisation(x), hold_scores) and det.stats["bg_cap"] == pytest.approx(cap)
 
 
 def test_pca_memory_bank_is_an_orthonormal_projection_of_the_features(tiny_detector, iqa_src: Path) -> None:
