@@ -250,19 +250,28 @@ def holdout_dst(root: Path, n: int = 400, encoder: MiniLMEncoder | None = None, 
     training sample) with the official evaluator semantics, plus the slot-error breakdown
     (``sgd_eval.slot_error_breakdown``). Every service there is seen in training. ``decisions``: overrides of
     the tracker's decision settings (``dst.DECISION_FIELDS``) for this run only."""
-    from solutions.customer_service.dst import DialogueStateTracker, with_decisions
-    from solutions.customer_service.sgd_eval import evaluate_dialogues, slot_error_breakdown
+    from solutions.customer_service.dst import DialogueStateTracker
 
     enc = encoder or default_encoder()
     if tracker is None:
         if not is_trained("dst", "sgd"):
             train("dst", "sgd", root, enc)
         tracker = DialogueStateTracker.load(model_folder("dst", "sgd"), enc)
+    data = holdout_sgd_dialogues(root, n, tracker.cfg.train_dialogues or DST_TRAIN_DIALOGUES, seed)
+    seen = set(tracker.cfg.trained_services) or D.sgd_train_services(root)
+    return _score_held_out(tracker, data, seen, decisions, breakdown, "tracking held-out SGD train")
+
+
+def _score_held_out(tracker: Any, data: D.SGDSplit, seen: set[str], decisions: dict[str, Any] | None,
+                    breakdown: bool, desc: str) -> dict[str, Any]:
+    """Track ``data`` with ``tracker`` (its decision settings overridden by ``decisions``) and score it with the
+    official evaluator semantics (+ ``sgd_eval.slot_error_breakdown`` as ``errors``): the held-out checks' core."""
+    from solutions.customer_service.dst import DialogueStateTracker, with_decisions
+    from solutions.customer_service.sgd_eval import evaluate_dialogues, slot_error_breakdown
+
     if decisions:
         tracker = DialogueStateTracker(tracker.heads, with_decisions(tracker.cfg, decisions), tracker.encoder)
-    data = holdout_sgd_dialogues(root, n, tracker.cfg.train_dialogues or DST_TRAIN_DIALOGUES, seed)
-    hyp = tracker.track_sgd(data.dialogues, data.schemas, desc="tracking held-out SGD train")
-    seen = set(tracker.cfg.trained_services) or D.sgd_train_services(root)
+    hyp = tracker.track_sgd(data.dialogues, data.schemas, desc=desc)
     out: dict[str, Any] = {**evaluate_dialogues(data.dialogues, hyp, data.schemas, seen),
                            "dialogues": len(data.dialogues), "train_dialogues": tracker.cfg.train_dialogues}
     if breakdown:
@@ -374,25 +383,15 @@ def holdout_unseen_dst(root: Path, services: tuple[str, ...] = PSEUDO_UNSEEN_SER
     scored on held-out part ``part`` (``pseudo_unseen_split``) with the official evaluator semantics; seen /
     unseen = the heads' training services, so ``*_unseen`` are the held-back services (where every unseen-service
     decision is chosen: never dev). ``errors``: ``sgd_eval.slot_error_breakdown`` (seen and unseen frames)."""
-    from solutions.customer_service.dst import DialogueStateTracker, with_decisions
-    from solutions.customer_service.sgd_eval import evaluate_dialogues, slot_error_breakdown
-
     enc = encoder or default_encoder()
     n_train = train_dialogues or DST_TRAIN_DIALOGUES
     split = split or D.load_sgd(root, "train")
     if tracker is None:
         tracker = pseudo_unseen_tracker(root, services, n_train, ensemble, enc, split=split, **cfg_over)
-    if decisions:
-        tracker = DialogueStateTracker(tracker.heads, with_decisions(tracker.cfg, decisions), tracker.encoder)
     _, _, data = pseudo_unseen_split(root, services, n, n_train, part, split=split)
-    hyp = tracker.track_sgd(data.dialogues, data.schemas, desc="tracking pseudo-unseen held-out SGD train")
-    seen = set(tracker.cfg.trained_services)
-    out: dict[str, Any] = {**evaluate_dialogues(data.dialogues, hyp, data.schemas, seen),
-                           "dialogues": len(data.dialogues), "part": part, "unseen_services": sorted(services),
-                           "train_dialogues": tracker.cfg.train_dialogues, "ensemble": tracker.cfg.ensemble}
-    if breakdown:
-        out["errors"] = slot_error_breakdown(data.dialogues, hyp, data.schemas, seen)
-    return out
+    out = _score_held_out(tracker, data, set(tracker.cfg.trained_services), decisions, breakdown,
+                          "tracking pseudo-unseen held-out SGD train")
+    return {**out, "part": part, "unseen_services": sorted(services), "ensemble": tracker.cfg.ensemble}
 
 
 def _eval_intents(dataset: str, root: Path, split: D.Split, enc: MiniLMEncoder, limit: int | None) -> dict[str, Any]:
