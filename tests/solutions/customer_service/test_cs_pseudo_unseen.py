@@ -120,3 +120,45 @@ def test_unique_values_is_the_default_and_never_repeats_a_new_value(tiny_tracker
             new = [v[0].lower() for k, v in sv.items() if k not in cat and v != prev.get(k) and v[0] != "dontcare"]
             assert len(new) == len(set(new))
             prev = sv
+
+
+def test_intent_slot_names_are_the_intents_arguments() -> None:
+    from solutions.customer_service.dst import TrackerConfig, intent_slot_names
+
+    assert TrackerConfig().intent_slots_only is True
+    schema = {"slots": [{"name": n} for n in ("event_date", "event_name", "available_start_time")],
+              "intents": [{"name": "GetAvailableTime", "required_slots": ["event_date"], "optional_slots": {},
+                           "result_slots": ["event_date", "available_start_time"]},
+                          {"name": "AddEvent", "required_slots": ["event_date"], "optional_slots": {"event_name": "x"}}]}
+    assert intent_slot_names(schema) == {"event_date", "event_name"}
+
+
+def test_intent_slots_only_never_fills_a_result_slot(tiny_tracker_dir, sgd_train) -> None:  # noqa: ANN001
+    import copy
+
+    from solutions.customer_service.dst import DialogueStateTracker, intent_slot_names, with_decisions
+    from solutions.customer_service.encoder import MiniLMEncoder
+
+    pool, schemas = tiny_service_data(sgd_train)
+    for d in pool:  # the data's side of the rule: SGD states only hold intent arguments
+        for t in d["turns"]:
+            if t["speaker"] == "USER":
+                assert set(t["frames"][0]["state"]["slot_values"]) <= intent_slot_names(schemas[TINY_SERVICE])
+    tr = DialogueStateTracker.load(tiny_tracker_dir / "dst-sgd", MiniLMEncoder(cache_dir=None))
+    dialogues = random.Random(9).sample(pool, 4)
+
+    def filled(dec: dict, sch: dict) -> set[str]:
+        t = DialogueStateTracker(tr.heads, with_decisions(tr.cfg, dec), tr.encoder)
+        return {k for d in t.track_sgd(dialogues, sch) for turn in d["turns"] if turn["speaker"] == "USER"
+                for k in turn["frames"][0]["state"]["slot_values"]}
+
+    used = filled({"intent_slots_only": False}, schemas)
+    assert used, "the tiny tracker fills no slot: nothing to check"
+    # make a filled slot a result-only slot of a copied schema: the rule must drop it, off keeps it
+    slot = sorted(used)[0]
+    sch = copy.deepcopy(schemas)
+    for it in sch[TINY_SERVICE]["intents"]:
+        it["required_slots"] = [s for s in it["required_slots"] if s != slot]
+        it["optional_slots"] = {s: v for s, v in it.get("optional_slots", {}).items() if s != slot}
+    assert slot in filled({"intent_slots_only": False}, sch)
+    assert slot not in filled({"intent_slots_only": True}, sch)
