@@ -162,3 +162,47 @@ def test_intent_slots_only_never_fills_a_result_slot(tiny_tracker_dir, sgd_train
         it["optional_slots"] = {s: v for s, v in it.get("optional_slots", {}).items() if s != slot}
     assert slot in filled({"intent_slots_only": False}, sch)
     assert slot not in filled({"intent_slots_only": True}, sch)
+
+
+def test_unseen_non_argument_slots_take_only_offered_values(tiny_tracker_dir, sgd_train) -> None:  # noqa: ANN001
+    import copy
+    import dataclasses
+
+    from solutions.customer_service.dst import DialogueStateTracker, TrackerConfig, with_decisions
+    from solutions.customer_service.encoder import MiniLMEncoder
+
+    assert TrackerConfig().offer_only_unseen is True
+    pool, schemas = tiny_service_data(sgd_train)
+    # a copy of the schema where searching takes no city (reserving still does, so the city stays an argument of
+    # the service): users name the city while searching, which the rule must then refuse for an unseen service
+    schemas = copy.deepcopy(schemas)
+    schema = schemas[TINY_SERVICE]
+    for it in schema["intents"]:
+        if it["name"] == "FindRestaurants":
+            it["required_slots"] = [x for x in it["required_slots"] if x != "city"]
+    args = {it["name"]: {*it["required_slots"], *it.get("optional_slots", {})} for it in schema["intents"]}
+    cat = {s["name"] for s in schema["slots"] if s.get("is_categorical")}
+    tr = DialogueStateTracker.load(tiny_tracker_dir / "dst-sgd", MiniLMEncoder(cache_dir=None))
+    unseen_cfg = dataclasses.replace(tr.cfg, trained_services=[])  # track its service as an unseen one
+    dialogues = random.Random(5).sample(pool, 6)
+
+    def user_only_fills(on: bool, cfg) -> int:  # noqa: ANN001
+        t = DialogueStateTracker(tr.heads, with_decisions(cfg, {"offer_only_unseen": on}), tr.encoder)
+        n, system = 0, ""
+        for d in t.track_sgd(dialogues, schemas):
+            prev: dict = {}
+            for turn in d["turns"]:
+                if turn["speaker"] != "USER":
+                    system = turn["utterance"].lower()
+                    continue
+                st = turn["frames"][0]["state"]
+                for k, v in st["slot_values"].items():
+                    if (v != prev.get(k) and k not in cat and k not in args.get(st["active_intent"], set())
+                            and v[0].lower() in turn["utterance"].lower() and v[0].lower() not in system):
+                        n += 1
+                prev = st["slot_values"]
+        return n
+
+    assert user_only_fills(True, unseen_cfg) == 0
+    assert user_only_fills(False, unseen_cfg) > 0, "no user-side fill of a non-argument slot: nothing to check"
+    assert user_only_fills(True, tr.cfg) == user_only_fills(False, tr.cfg)  # seen services: never applied
