@@ -677,7 +677,7 @@ class DialogueStateTracker:
                     v = (self._categorical(u[i], s[i], svc, sl, j.user, j.system, bank) if sl.get("is_categorical")
                          else self._span(hj, f, dk, j.user, j.system))
                     if (v and unseen and self.cfg.offer_only_unseen and not sl.get("is_categorical")
-                            and name not in _args_of(schema, frame["active_intent"])
+                            and name not in intent_slot_names(schema, frame["active_intent"])
                             and v.lower() in j.user.lower() and v.lower() not in j.system.lower()):
                         v = None
                 elif kind == "copy":
@@ -802,16 +802,12 @@ def iter_user_turns(dialogues: list[dict[str, Any]]):  # noqa: ANN201 - generato
                 system = t["utterance"]
 
 
-def _args_of(schema: dict[str, Any], intent: str) -> set[str]:
-    """Required and optional slots of ``intent`` in ``schema`` (none for NONE or an unknown intent)."""
-    return {x for it in schema.get("intents", ()) if it["name"] == intent
+def intent_slot_names(schema: dict[str, Any], intent: str | None = None) -> set[str]:
+    """Slots some intent of ``schema`` takes as an argument (required or optional): the only ones a dialogue
+    state fills (``TrackerConfig.intent_slots_only``). ``intent``: only that intent's arguments (none for NONE
+    or an unknown intent; ``TrackerConfig.offer_only_unseen``)."""
+    return {x for it in schema.get("intents", ()) if intent is None or it["name"] == intent
             for x in [*it.get("required_slots", ()), *it.get("optional_slots", {})]}
-
-
-def intent_slot_names(schema: dict[str, Any]) -> set[str]:
-    """Slots some intent of ``schema`` takes as an argument (required or optional): the only ones a
-    dialogue state fills (``TrackerConfig.intent_slots_only``)."""
-    return {x for it in schema.get("intents", ()) for x in [*it.get("required_slots", ()), *it.get("optional_slots", {})]}
 
 
 def unique_values(fresh: Sequence[tuple[float, str, str]], kept: dict[str, list[str]], mode: int) -> list[tuple[str, str]]:
