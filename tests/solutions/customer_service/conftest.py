@@ -3,9 +3,11 @@ a few dozen dialogues, cached for the session) and a helper that installs it int
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,15 +15,31 @@ SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "custo
 TINY_SERVICE = "Restaurants_1"
 
 
-def tiny_service_data() -> tuple[list[dict], dict[str, dict]]:
-    """The real SGD train dialogues of ``TINY_SERVICE`` alone and its schema. Skips when the shared SGD
-    data is not on this machine: these tests train and track on real dialogues, not made-up ones."""
-    if not SHARED.exists():
-        pytest.skip(f"SGD data not found at {SHARED} (the shared customer_service datasets, see its README)")
+@functools.lru_cache(maxsize=1)
+def _sgd_train() -> Any:
     from solutions.customer_service.data import load_sgd
 
-    tr = load_sgd(SHARED, "train")
+    return load_sgd(SHARED, "train")
+
+
+def sgd_train_split() -> Any:
+    """SGD train (loaded once per test session, ~10 s). Skips when the shared SGD data is not on this
+    machine: these tests train and track on real dialogues, not made-up ones."""
+    if not SHARED.exists():
+        pytest.skip(f"SGD data not found at {SHARED} (the shared customer_service datasets, see its README)")
+    return _sgd_train()
+
+
+def tiny_service_data(split: Any = None) -> tuple[list[dict], dict[str, dict]]:
+    """The real SGD train dialogues of ``TINY_SERVICE`` alone and its schema (from ``split``, default
+    :func:`sgd_train_split`)."""
+    tr = split if split is not None else sgd_train_split()
     return [d for d in tr.dialogues if d["services"] == [TINY_SERVICE]], {TINY_SERVICE: tr.schemas[TINY_SERVICE]}
+
+
+@pytest.fixture
+def sgd_train() -> Any:
+    return sgd_train_split()
 
 
 @pytest.fixture(scope="session")

@@ -7,20 +7,7 @@ import random
 
 import pytest
 
-from tests.solutions.customer_service.conftest import SHARED, TINY_SERVICE
-
-
-@pytest.fixture(scope="module")
-def sgd_train():  # noqa: ANN201 - SGD train, loaded once for this module (~15 s on the shared VM)
-    if not SHARED.exists():
-        pytest.skip(f"SGD data not found at {SHARED} (the shared customer_service datasets, see its README)")
-    from solutions.customer_service.data import load_sgd
-
-    return load_sgd(SHARED, "train")
-
-
-def tiny_service_data(split) -> tuple[list[dict], dict[str, dict]]:  # noqa: ANN001 - conftest's, on ``split``
-    return [d for d in split.dialogues if d["services"] == [TINY_SERVICE]], {TINY_SERVICE: split.schemas[TINY_SERVICE]}
+from tests.solutions.customer_service.conftest import SHARED, TINY_SERVICE, tiny_service_data
 
 
 def test_decision_overrides_refuse_training_settings() -> None:
