@@ -664,6 +664,10 @@ class DialogueStateTracker:
                       else self.cfg.unique_values)
             fresh: list[tuple[float, str, str]] = []  # (status probability, slot, value) of new free-text values
             args = intent_slot_names(schema) if self.cfg.intent_slots_only else None
+            # unseen services: free-text slots outside the active intent's arguments take only system words
+            offer_args = (intent_slot_names(schema, frame["active_intent"]) if unseen and self.cfg.offer_only_unseen
+                          else None)
+            st_p = st_logits.softmax(-1).max(-1).values  # probability of each slot's status (unique_values)
             for k, sl in enumerate(slots):
                 kind = STATUS[int(st[k])]
                 name = sl["name"]
@@ -676,8 +680,7 @@ class DialogueStateTracker:
                 elif kind == "update":
                     v = (self._categorical(u[i], s[i], svc, sl, j.user, j.system, bank) if sl.get("is_categorical")
                          else self._span(hj, f, dk, j.user, j.system))
-                    if (v and unseen and self.cfg.offer_only_unseen and not sl.get("is_categorical")
-                            and name not in intent_slot_names(schema, frame["active_intent"])
+                    if (v and offer_args is not None and not sl.get("is_categorical") and name not in offer_args
                             and v.lower() in j.user.lower() and v.lower() not in j.system.lower()):
                         v = None
                 elif kind == "copy":
@@ -686,7 +689,7 @@ class DialogueStateTracker:
                     v = self._recall(j.history, dk)
                 if v:
                     if unique and v != "dontcare" and not sl.get("is_categorical") and [v] != prev["slot_values"].get(name):
-                        fresh.append((float(torch.softmax(st_logits[k], -1)[st[k]]), name, v))
+                        fresh.append((float(st_p[k]), name, v))
                     else:
                         frame["slot_values"][name] = [v]
             for name, v in unique_values(fresh, frame["slot_values"], unique):
