@@ -278,6 +278,7 @@ class AnomalyDetector:
         self.part_proj: torch.Tensor | None = None      # (2D, p) standardise + PCA
         self.part_stats: torch.Tensor | None = None     # (3,) held-out distance mean, std; score spread
         self.s2: dict[str, torch.Tensor] = {}          # half-resolution bank: mean, proj, memory, stats
+        self.s2_memory_sq: torch.Tensor | None = None  # its squared norms (derived, not saved)
         self.calibrator: Calibrator | None = None
         self.fewshot = None                             # solutions.industrial_qa.fewshot.FewShotHead
         self.info: dict = {}
@@ -332,6 +333,7 @@ class AnomalyDetector:
             h2, w2 = f2.shape[-2:]
             mean, proj, mem = self._patch_bank(torch.cat(feats2), h2, w2, self._s2_block(), 0)
             self.s2 = {"memory": mem} | ({"mean": mean, "proj": proj} if proj is not None else {})
+        self.s2_memory_sq = (self.s2["memory"] ** 2).sum(-1) if "memory" in self.s2 else None
         self._fit_coarse_bank(torch.cat(regions) if regions else None)
         self.part_mean = self.part_proj = self.part_memory = self.part_stats = None
         if parts:   # every fit part is kept (one row per image)
@@ -433,13 +435,12 @@ class AnomalyDetector:
         f, logits = self._half_forward(x)
         b, d, h, w = f.shape
         q = self._project(f.permute(0, 2, 3, 1).reshape(b, h * w, d), self.s2.get("mean"), self.s2.get("proj"))
-        return self._knn(q, h, w, mem, (mem ** 2).sum(-1), self._s2_block()).view(b, h, w), logits[:, 0]
+        return self._knn(q, h, w, mem, self.s2_memory_sq, self._s2_block()).view(b, h, w), logits[:, 0]
 
     def _s2_term(self, kz: torch.Tensor, sz: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Standardised half-resolution maps ``(B, h2, w2)`` -> the term added to the stride-8 map ``(B, h, w)``:
         fused as the main maps, part median subtracted, upsampled, x ``scale2_weight``."""
-        fusion = self.config.fusion
-        z = kz if fusion == "knn" else sz if fusion == "seg" else kz + sz
+        z = self._fused_z(kz, sz)
         z = z - z.flatten(1).median(1).values[:, None, None]
         return self.config.scale2_weight * F.interpolate(z[:, None], size=(h, w), mode="bilinear",
                                                          align_corners=False)[:, 0]
@@ -841,6 +842,7 @@ class AnomalyDetector:
         det.part_memory, det.part_mean = tensors.get("part_memory"), tensors.get("part_mean")
         det.part_proj, det.part_stats = tensors.get("part_proj"), tensors.get("part_stats")
         det.s2 = {k[3:]: v for k, v in tensors.items() if k.startswith("s2_")}
+        det.s2_memory_sq = (det.s2["memory"] ** 2).sum(-1) if "memory" in det.s2 else None
         det.calibrator = Calibrator.from_dict(meta["calibrator"]) if meta.get("calibrator") else None
         det.info = meta.get("info", {})
         if meta.get("fewshot"):
