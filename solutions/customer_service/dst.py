@@ -231,18 +231,30 @@ class TrackerHeads(HeadMember):
             return self.value(x)
         return torch.stack([m.value(x) for m in [self, *self.members]]).mean(0)
 
-    def span_logits(self, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``SpanHead`` start / end logits (B, T, 2): the members' mean with ``ensemble_values``."""
-        if not self.ensemble_values:
-            return self.span(h, d)
-        return torch.stack([m.span(h, d) for m in [self, *self.members]]).mean(0)
+    def span_heads(self) -> list[SpanHead]:
+        """The span heads whose logits are averaged: every member's with ``ensemble_values``, else the main one."""
+        return [m.span for m in [self, *self.members]] if self.ensemble_values else [self.span]
 
-    def slot_logits(self, *args: Any, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def span_logits(self, h: torch.Tensor, d: torch.Tensor, keys: Sequence[torch.Tensor] | None = None,
+                    queries: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """``SpanHead`` start / end logits (B, T, 2): the members' mean with ``ensemble_values``. ``keys`` /
+        ``queries``: the ``span_heads``' ``keys(h)`` / ``queries(d)`` when already at hand (tracking: a turn's
+        token keys serve all its slots, a description's queries every turn; the same values as recomputing)."""
+        heads = self.span_heads()
+        ks = keys if keys is not None else [sp.keys(h) for sp in heads]
+        qs = queries if queries is not None else [sp.queries(d) for sp in heads]
+        outs = [sp.score(k, q) for sp, k, q in zip(heads, ks, qs, strict=True)]
+        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+
+    def slot_logits(self, *args: Any, grouped: bool = False, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``SlotReader`` outputs (status logits, request logits), averaged over the ensemble members (the
-        status logits only with ``ensemble_status``)."""
-        st, rq = self.slot(*args, **kw)
+        status logits only with ``ensemble_status``). ``grouped``: ``SlotReader.read`` (tracking; needs ``rows``)."""
+        def run(m: HeadMember) -> tuple[torch.Tensor, torch.Tensor]:
+            return m.slot.read(*args, **kw) if grouped else m.slot(*args, **kw)
+
+        st, rq = run(self)
         if len(self.members):
-            outs = [m.slot(*args, **kw) for m in self.members]
+            outs = [run(m) for m in self.members]
             rq = torch.stack([rq] + [o[1] for o in outs]).mean(0)
             if self.ensemble_status:
                 st = torch.stack([st] + [o[0] for o in outs]).mean(0)
@@ -303,7 +315,38 @@ class SlotReader(nn.Module):
             pooled.append(nn.functional.normalize(torch.einsum("bt,btd->bd", a, h), dim=-1))
             present.append(att[..., side].masked_fill(~ok, -1e4).max(-1).values.clamp(min=-10.0)[:, None]
                            * ok.any(-1, keepdim=True))
-        pu, ps = pooled
+        return self._decide(u, s, d, *pooled, has, cat, present)
+
+    def read(self, h: torch.Tensor, seg: torch.Tensor, mask: torch.Tensor, d: torch.Tensor, u: torch.Tensor,
+             s: torch.Tensor, has: torch.Tensor, cat: torch.Tensor,
+             rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with ``rows`` for tracking (no autograd): each turn's slots read that turn's tokens
+        together, as one (turns, slots of the turn, T) attention and one batched matmul per side, instead of a
+        copy of the turn's (T, 384) tokens and (T, 256) keys per slot (the copies were most of the heads'
+        memory traffic in ``step_many``). The same maths: values equal ``forward``'s up to float summation order
+        (|logit difference| ~1e-6). Training keeps ``forward``."""
+        n, t, _ = h.shape
+        b = rows.shape[0]
+        k = self.key(h).view(n, t, 2, self.width)
+        q = self.query(d).view(b, 2, self.width)
+        counts = torch.bincount(rows, minlength=n)
+        order = torch.argsort(rows, stable=True)
+        pos = torch.empty_like(rows)
+        pos[order] = torch.arange(b) - (torch.cumsum(counts, 0) - counts)[rows[order]]  # slot's place in its turn
+        qp = q.new_zeros(n, int(counts.max()), 2, self.width)
+        qp[rows, pos] = q
+        att = torch.einsum("nmcw,ntcw->ncmt", qp, k) / self.width**0.5  # (N, 2, slots, T): user query, system query
+        pooled, present = [], []
+        for side in (0, 1):
+            ok = (mask & (seg == side))[:, None, :]  # (N, 1, T)
+            lg = att[:, side].masked_fill(~ok, -1e4)
+            a = torch.softmax(lg, -1) * ok
+            pooled.append(nn.functional.normalize(torch.bmm(a, h)[rows, pos], dim=-1))
+            present.append(lg.max(-1).values.clamp(min=-10.0)[rows, pos][:, None] * ok.any(-1)[rows])
+        return self._decide(u, s, d, *pooled, has, cat, present)
+
+    def _decide(self, u: torch.Tensor, s: torch.Tensor, d: torch.Tensor, pu: torch.Tensor, ps: torch.Tensor,
+                has: torch.Tensor, cat: torch.Tensor, present: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([u, s, d, pu, ps, pu * d, ps * d, has[:, None], cat[:, None], *present], -1)
         o = self.out(x)
         return o[:, : len(STATUS)], o[:, len(STATUS)]
@@ -323,10 +366,17 @@ class SpanHead(nn.Module):
         self.query = nn.Sequential(nn.LayerNorm(DIM), nn.Linear(DIM, 2 * width), nn.GELU(), nn.Linear(2 * width, 2 * width))
 
     def forward(self, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return self.score(self.keys(h), self.queries(d))  # (B, T, 2)
+
+    def keys(self, h: torch.Tensor) -> torch.Tensor:
         b, t, _ = h.shape
-        k = self.tok(h).view(b, t, 2, self.width)  # (B, T, 2, w)
-        q = self.query(d).view(b, 1, 2, self.width)  # (B, 1, 2, w)
-        return (k * q).sum(-1) / self.width**0.5  # (B, T, 2)
+        return self.tok(h).view(b, t, 2, self.width)  # (B, T, 2, w)
+
+    def queries(self, d: torch.Tensor) -> torch.Tensor:
+        return self.query(d).view(d.shape[0], 1, 2, self.width)  # (B, 1, 2, w)
+
+    def score(self, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (k * q).sum(-1) / self.width**0.5
 
 
 def intent_features(u: torch.Tensor, s: torch.Tensor, d: torch.Tensor, was: torch.Tensor,
@@ -540,6 +590,8 @@ class DialogueStateTracker:
         self.cfg = cfg
         self.encoder = encoder.variant(cfg.encoder_int8)  # the precision the heads were trained on
         self._banks: dict[int, SchemaBank] = {}
+        # span-head queries of slot descriptions (fixed heads, fixed bank vectors): id -> (vector, queries)
+        self._span_q: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -634,7 +686,7 @@ class DialogueStateTracker:
         if s_rows:
             sr = torch.tensor(s_rows)
             st_all, req_all = self.heads.slot_logits(h, seg, mask, torch.stack(s_d), u[sr], s[sr], torch.tensor(has_l),
-                                              torch.tensor(cat_l), rows=sr)
+                                                     torch.tensor(cat_l), rows=sr, grouped=True)
         for i, svc, names, io, so in items:
             j, f, st_new = jobs[i], feats[i], new[i]
             schema = bank.schemas[svc]
@@ -660,6 +712,7 @@ class DialogueStateTracker:
                 st_logits = st_logits + torch.tensor(status_bias)
             st = st_logits.argmax(-1)
             hj = h[i, : f.h.shape[0]]
+            span_keys: list[torch.Tensor] = []  # the turn's span-head token keys, computed at its first span read
             unique = (self.cfg.unique_values_unseen if unseen and self.cfg.unique_values_unseen is not None
                       else self.cfg.unique_values)
             fresh: list[tuple[float, str, str]] = []  # (status probability, slot, value) of new free-text values
@@ -679,7 +732,7 @@ class DialogueStateTracker:
                     v = "dontcare"
                 elif kind == "update":
                     v = (self._categorical(u[i], s[i], svc, sl, j.user, j.system, bank) if sl.get("is_categorical")
-                         else self._span(hj, f, dk, j.user, j.system))
+                         else self._span(hj, f, dk, j.user, j.system, span_keys))
                     if (v and offer_args is not None and not sl.get("is_categorical") and name not in offer_args
                             and v.lower() in j.user.lower() and v.lower() not in j.system.lower()):
                         v = None
@@ -703,7 +756,8 @@ class DialogueStateTracker:
             if not (f.seg == 1).any() or not text:
                 continue
             seg = torch.from_numpy(f.seg.astype(np.int64))
-            lg = self.heads.span_logits(torch.from_numpy(f.h).float()[None], d[None])[0].masked_fill((seg != 1)[:, None], -1e4)
+            lg = self.heads.span_logits(torch.from_numpy(f.h).float()[None], d[None], queries=self._span_queries(d))[0]
+            lg = lg.masked_fill((seg != 1)[:, None], -1e4)
             a, b = best_span(lg[:, 0], lg[:, 1], seg)
             score = float(lg[a, 0] + lg[b, 1])
             v = text[f.offsets[a][0]:f.offsets[b][1]].strip()
@@ -722,10 +776,22 @@ class DialogueStateTracker:
         x = torch.cat([u.expand(n, -1), s.expand(n, -1), dv, u * dv, s * dv, lex], -1)
         return vals[int(self.heads.value_logits(x).squeeze(-1).argmax())]
 
-    def _span(self, h: torch.Tensor, feats: TurnFeatures, d: torch.Tensor, user: str, system: str) -> str | None:
+    def _span_queries(self, d: torch.Tensor) -> list[torch.Tensor]:
+        """The span heads' queries of description vector ``d`` (384,), computed once per description."""
+        hit = self._span_q.get(id(d))
+        if hit is None or hit[0] is not d:
+            hit = self._span_q[id(d)] = (d, [sp.queries(d[None]) for sp in self.heads.span_heads()])
+        return hit[1]
+
+    def _span(self, h: torch.Tensor, feats: TurnFeatures, d: torch.Tensor, user: str, system: str,
+              keys: list[torch.Tensor] | None = None) -> str | None:
+        """Best span of the turn's tokens ``h`` for slot description ``d``; ``keys``: the turn's span-head token
+        keys, filled on first use (shared by the turn's slots)."""
         if h.shape[0] == 0:
             return None
-        lg = self.heads.span_logits(h[None], d[None])[0]  # (T, 2)
+        if keys is not None and not keys:
+            keys += [sp.keys(h[None]) for sp in self.heads.span_heads()]
+        lg = self.heads.span_logits(h[None], d[None], keys=keys or None, queries=self._span_queries(d))[0]  # (T, 2)
         start, end = best_span(lg[:, 0], lg[:, 1], torch.from_numpy(feats.seg.astype(np.int64)))
         text = user if feats.seg[start] == 0 else system
         a, b = feats.offsets[start][0], feats.offsets[end][1]
