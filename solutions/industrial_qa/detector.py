@@ -140,9 +140,6 @@ class MapOutput:
     knn: torch.Tensor
     seg: torch.Tensor
     coarse: torch.Tensor | None = None  # (B, h, w) context map (:meth:`AnomalyDetector.coarse_map`) or None
-    # (B,) part-level z-score (distance of the part's descriptor to the nearest fit part, standardised on
-    # the held-out normals; leave-one-out for them) or None without the part-level branch
-    part: torch.Tensor | None = None
 
 
 @dataclass
@@ -505,12 +502,6 @@ class AnomalyDetector:
         q = (r.permute(0, 2, 3, 1).reshape(-1, d) - mean) @ proj
         return torch.cdist(q, mem).min(1).values.view(b, g, g)
 
-    def part_z(self, part_raw: torch.Tensor | None) -> torch.Tensor | None:
-        """Part-level raw distances ``(B,)`` -> their z-scores on the held-out normals (None when off)."""
-        if part_raw is None or self.part_stats is None:
-            return None
-        return (part_raw - self.part_stats[0]) / self.part_stats[1]
-
     def coarse_map(self, feats: torch.Tensor, raw: torch.Tensor | None = None,
                    part_raw: torch.Tensor | None = None) -> torch.Tensor | None:
         """Context map on the stride-8 grid ``(B, h, w)``, added to the fused patch map: the
@@ -659,15 +650,14 @@ class AnomalyDetector:
         if self.coarse_stats is not None and c_all is not None:
             z, _, _ = self._loo_z(c_all)
             c_eq = z * self.coarse_stats[1] + self.coarse_stats[0]
-        p_z = None
         if self.part_stats is not None and p_all is not None:
-            p_z, _, _ = self._loo_z(p_all)
-            p_eq = p_z * self.part_stats[1] + self.part_stats[0]
+            z, _, _ = self._loo_z(p_all)
+            p_eq = z * self.part_stats[1] + self.part_stats[0]
         cz = self.coarse_map(f_all, raw=c_eq, part_raw=p_eq)
         if h_all is not None and "stats" in self.s2:
             cz = _plus(cz, self._s2_term(self._loo_z(h_all[0])[0], self._loo_z(h_all[1])[0], *k_all.shape[-2:]))
         maps = self.upsample(self.fuse(eq[0], eq[1], cz), hold_x.shape[-1])
-        return MapOutput(maps.numpy(), maps.flatten(1).max(1).values.numpy(), f_all, eq[0], eq[1], cz, p_z)
+        return MapOutput(maps.numpy(), maps.flatten(1).max(1).values.numpy(), f_all, eq[0], eq[1], cz)
 
     def recalibrate(self) -> None:
         """Refit normalisation and calibrator on the held-out normals after an inference setting changed."""
@@ -739,13 +729,11 @@ class AnomalyDetector:
         """Score a batch ``(B, 3, S, S)`` float32 in [0, 1] at model resolution."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise DataError(f"expected images (B, 3, S, S), got shape {tuple(x.shape)}")
-        outs, coarse_parts, part_parts = [], [], []
+        outs, coarse_parts = [], []
         for i in range(0, len(x), self.config.batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[i:i + self.config.batch_size]))
             feats, knn, seg = self._raw(xb)
-            pr = self._part_raw(feats)
-            cz = _plus(self.coarse_map(feats, part_raw=pr), self.scale2_map(xb, *knn.shape[-2:]))
-            pz = self.part_z(pr)
+            cz = _plus(self.coarse_map(feats), self.scale2_map(xb, *knn.shape[-2:]))
             if self.fewshot is not None:
                 small = self.fewshot.patch_map(self, feats, knn, seg, cz)
             else:
@@ -753,16 +741,13 @@ class AnomalyDetector:
             maps = self.upsample(small, x.shape[-1])
             scores = maps.flatten(1).max(1).values
             if self.fewshot is not None:
-                scores = self.fewshot.image_score(self, feats, knn, seg, maps, cz, part=pz)
+                scores = self.fewshot.image_score(self, feats, knn, seg, maps, cz)
             outs.append((maps, scores, feats, knn, seg))
             if cz is not None:
                 coarse_parts.append(cz)
-            if pz is not None:
-                part_parts.append(pz)
         cat = [torch.cat([o[j] for o in outs]) for j in range(5)]
         coarse = torch.cat(coarse_parts) if coarse_parts and len(coarse_parts) == len(outs) else None
-        part = torch.cat(part_parts) if part_parts and len(part_parts) == len(outs) else None
-        return MapOutput(cat[0].numpy(), cat[1].numpy(), cat[2], cat[3], cat[4], coarse, part)
+        return MapOutput(cat[0].numpy(), cat[1].numpy(), cat[2], cat[3], cat[4], coarse)
 
     def inspect_images(self, sources: Sequence[Path | bytes], threshold: float | None = None
                        ) -> list[InspectionResult]:

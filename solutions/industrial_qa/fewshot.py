@@ -71,7 +71,7 @@ def _take(out: MapOutput, idx: np.ndarray) -> MapOutput:
 
     t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
     return MapOutput(out.maps[idx], out.scores[idx], out.feats[t], out.knn[t], out.seg[t],
-                     None if out.coarse is None else out.coarse[t], None if out.part is None else out.part[t])
+                     None if out.coarse is None else out.coarse[t])
 
 
 class FewShotHead:
@@ -95,13 +95,6 @@ class FewShotHead:
         self.map_mode = "head"
         self.fuse_scale = 0.0   # patch logit -> unsupervised map units (std ratio on the normals' patches)
         self.image_mode = "head"
-        # image-score candidates beside "head" / "unsup": "fused" = the maximum of the fused map (same
-        # rule as the unsupervised score), "stack" = a logistic model on [unsupervised score, fused-map
-        # score, part-level z] (weights over the standardised columns)
-        self.stack_w = np.zeros(0)
-        self.stack_b = 0.0
-        self.stack_mu = np.zeros(0)
-        self.stack_sd = np.ones(0)
         self.cv: dict = {}                          # the CV figures the choice was made on
         self.cv_scores: dict[str, np.ndarray] = {}  # CV scores of the last fit (shots, then normals)
 
@@ -109,8 +102,7 @@ class FewShotHead:
     @classmethod
     def fit(cls, det: AnomalyDetector, shots: np.ndarray, masks: np.ndarray | None,
             types: Sequence[str], normals: np.ndarray, seed: int = 0, normals_are_holdout: bool = False,
-            threshold: str = "far", min_confidence: float = 0.95,
-            image_candidates: Sequence[str] = ("head", "fused", "stack")) -> tuple[FewShotHead, Calibrator]:
+            threshold: str = "far", min_confidence: float = 0.95) -> tuple[FewShotHead, Calibrator]:
         """Fit the heads; returns the head and a calibrator fitted on cross-validated scores.
 
         ``normals_are_holdout``: the normals are the detector's own held-out parts (the ones its map
@@ -151,16 +143,10 @@ class FewShotHead:
                     if cv.get(f"map_{m}_auroc") is not None and cv[f"map_{m}_auroc"] > cv["map_unsup_auroc"]
                     and cv[f"map_{m}_aupro"] > cv["map_unsup_aupro"]]
             head.map_mode = max(wins)[1] if wins else "unsup"
-        # a supervised image score only where it beats the unsupervised one in >= min_confidence of the
-        # paired bootstrap resamples of the CV scores; of those, the higher CV image AUROC
-        conf = {"head": cv["image_gain_confidence"], "fused": cv["image_fused_confidence"],
-                "stack": cv["image_stack_confidence"]}
-        if head.patch_w is None:   # no patch head: "fused" / "stack" are the unsupervised score
-            conf["fused"] = conf["stack"] = 0.0
-        wins = [(cv[f"image_{m}_auroc"], m) for m in image_candidates if conf[m] >= min_confidence]
-        head.image_mode = max(wins)[1] if wins else "unsup"
-        head.cv_scores = {m: cv[f"scores_{m}"] for m in ("head", "unsup", "fused", "stack")}  # not saved
-        scores = head.cv_scores[head.image_mode]
+        if cv["image_gain_confidence"] < min_confidence:
+            head.image_mode = "unsup"
+        scores = cv["scores_head"] if head.image_mode == "head" else cv["scores_unsup"]
+        head.cv_scores = {"head": cv["scores_head"], "unsup": cv["scores_unsup"]}  # not saved
         k = len(shots)
         calib = Calibrator.fit(scores[k:], scores[:k], target_far=det.config.target_far)
         if threshold == "balanced":
@@ -231,40 +217,7 @@ class FewShotHead:
         img_lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=500)
         img_lr.fit((xi - head.img_mu) / head.img_sd, yi)
         head.img_w, head.img_b = img_lr.coef_[0].copy(), float(img_lr.intercept_[0])
-        if head.patch_w is not None:
-            # the "stack" image candidate: [unsupervised score, fused-map score, part-level z]
-            xs = np.concatenate([head._stack_inputs(det, d_out, size), head._stack_inputs(det, n_out, size)])
-            head.stack_mu, head.stack_sd = xs.mean(0), xs.std(0) + 1e-6
-            st_lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=500)
-            st_lr.fit((xs - head.stack_mu) / head.stack_sd, yi)
-            head.stack_w, head.stack_b = st_lr.coef_[0].copy(), float(st_lr.intercept_[0])
         return head
-
-    def _fused_scores(self, det: AnomalyDetector, out: MapOutput, size: int,
-                      p: torch.Tensor | None = None) -> np.ndarray:
-        """The fused map's maximum per image (the unsupervised score's rule on the unsupervised map +
-        ``fuse_scale`` x the patch logit ``p``, computed when not given); the unsupervised score
-        without a patch head."""
-        if p is None:
-            p = self._patch_logits(det, out.feats, out.knn, out.seg, out.coarse)
-        if p is None:
-            return np.asarray(out.scores, dtype=np.float64)
-        fz = det.upsample(det.fuse(out.knn, out.seg, out.coarse) + self.fuse_scale * p, size)
-        return fz.flatten(1).max(1).values.double().numpy()
-
-    def _stack_inputs(self, det: AnomalyDetector, out: MapOutput, size: int,
-                      p: torch.Tensor | None = None, fused: np.ndarray | None = None) -> np.ndarray:
-        """Inputs of the "stack" image candidate ``(B, 2 [+ 1])``: the unsupervised score, the fused
-        map's score and the part-level z-score (when the detector has the part-level branch)."""
-        if fused is None:
-            fused = self._fused_scores(det, out, size, p)
-        cols = [np.asarray(out.scores, dtype=np.float64), fused]
-        if out.part is not None:
-            cols.append(out.part.double().numpy())
-        return np.stack(cols, 1)
-
-    def _stack_logit(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.stack_mu) / self.stack_sd @ self.stack_w + self.stack_b
 
     def _stats(self, det: AnomalyDetector, out: MapOutput, size: int) -> np.ndarray:
         """Image-head inputs for unsupervised outputs ``out`` (the patch head's map when fitted)."""
@@ -299,7 +252,7 @@ class FewShotHead:
         k, n = len(d_out.scores), len(n_out.scores)
         y = np.concatenate([np.ones(k), np.zeros(n)])
         folds = int(min(folds, k, n))
-        cv_head, cv_fused, cv_stack = np.zeros(k + n), np.zeros(k + n), np.zeros(k + n)
+        cv_head = np.zeros(k + n)
         unsup = np.concatenate([d_out.scores, n_out.scores]).astype(np.float64)
         small = 64
         pix_y, pix_head, pix_unsup, pix_fused = [], [], [], []
@@ -311,11 +264,7 @@ class FewShotHead:
             for idx, out in ((dte, d_out), (nte, n_out)):
                 sub = _take(out, idx)
                 stats, p, maps = h._score_parts(det, sub, size)
-                at = idx + (0 if out is d_out else k)
-                cv_head[at] = h._image_logit(stats)
-                cv_fused[at] = h._fused_scores(det, sub, size, p)
-                cv_stack[at] = (h._stack_logit(h._stack_inputs(det, sub, size, fused=cv_fused[at]))
-                                if h.stack_w.size else sub.scores)
+                cv_head[idx + (0 if out is d_out else k)] = h._image_logit(stats)
                 if masks is not None and p is not None:
                     mh = F.interpolate(maps[:, None], size=(small, small), mode="area")[:, 0]
                     fz = det.upsample(det.fuse(sub.knn, sub.seg, sub.coarse) + h.fuse_scale * p, size)
@@ -330,22 +279,15 @@ class FewShotHead:
                     pix_head.append(mh.numpy())
                     pix_unsup.append(mu.numpy())
         rng = np.random.default_rng(seed)
-        cands = {"head": cv_head, "fused": cv_fused, "stack": cv_stack}
-        wins = dict.fromkeys(cands, 0)
+        wins = 0
         for _ in range(n_boot):  # paired bootstrap (shots and normals resampled separately)
             i = np.concatenate([rng.choice(k, k), k + rng.choice(n, n)])
-            base = roc_auc_score(y[i], unsup[i])
-            for name, sc in cands.items():
-                wins[name] += roc_auc_score(y[i], sc[i]) > base
+            wins += roc_auc_score(y[i], cv_head[i]) > roc_auc_score(y[i], unsup[i])
         out = {"folds": folds, "image_head_auroc": float(roc_auc_score(y, cv_head)),
-               "image_unsup_auroc": float(roc_auc_score(y, unsup)), "image_gain_confidence": wins["head"] / n_boot,
-               "image_fused_auroc": float(roc_auc_score(y, cv_fused)),
-               "image_fused_confidence": wins["fused"] / n_boot,
-               "image_stack_auroc": float(roc_auc_score(y, cv_stack)),
-               "image_stack_confidence": wins["stack"] / n_boot,
+               "image_unsup_auroc": float(roc_auc_score(y, unsup)), "image_gain_confidence": wins / n_boot,
                "map_head_auroc": None, "map_unsup_auroc": None, "map_head_aupro": None,
                "map_unsup_aupro": None, "map_fused_auroc": None, "map_fused_aupro": None,
-               "scores_head": cv_head, "scores_unsup": unsup, "scores_fused": cv_fused, "scores_stack": cv_stack}
+               "scores_head": cv_head, "scores_unsup": unsup}
         if pix_y and np.concatenate(pix_y).any():
             from solutions.industrial_qa.metrics import aupro
 
@@ -375,29 +317,14 @@ class FewShotHead:
         return det.fuse(knn, seg, coarse) + self.fuse_scale * p if self.map_mode == "fused" else p
 
     def image_score(self, det: AnomalyDetector, feats: torch.Tensor, knn: torch.Tensor, seg: torch.Tensor,
-                    maps: torch.Tensor, coarse: torch.Tensor | None = None,
-                    part: torch.Tensor | None = None) -> torch.Tensor:
-        """Image scores ``(B,)``; ``maps`` are the upsampled :meth:`patch_map` of the batch, ``part`` the
-        part-level z-scores (:attr:`MapOutput.part`; used by the ``"stack"`` candidate)."""
+                    maps: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
+        """Image scores ``(B,)``; ``maps`` are the upsampled :meth:`patch_map` of the batch."""
         size = maps.shape[-1]
-        if self.image_mode in ("unsup", "stack"):
+        if self.image_mode == "unsup":
             if self.map_mode == "unsup" or self.patch_w is None:
-                unsup = maps.flatten(1).max(1).values
-            else:
-                unsup = det.upsample(det.fuse(knn, seg, coarse), size).flatten(1).max(1).values
-            if self.image_mode == "unsup" or self.patch_w is None:
-                return unsup
+                return maps.flatten(1).max(1).values
+            return det.upsample(det.fuse(knn, seg, coarse), size).flatten(1).max(1).values
         p = self._patch_logits(det, feats, knn, seg, coarse)
-        if self.image_mode in ("fused", "stack"):
-            fused = (maps if self.map_mode == "fused" else
-                     det.upsample(det.fuse(knn, seg, coarse) + self.fuse_scale * p, size)).flatten(1).max(1).values
-            if self.image_mode == "fused":
-                return fused
-            cols = [unsup.double(), fused.double()] + ([part.double()] if part is not None else [])
-            x = torch.stack(cols, 1).numpy()
-            if x.shape[1] != self.stack_w.size:
-                raise DataError("the few-shot stack model needs the detector's part-level term")
-            return torch.from_numpy(self._stack_logit(x).astype(np.float32))
         if self.map_mode != "head" and p is not None:  # the image head was fitted on the head's maps
             maps = det.upsample(p, size)
         stats = _image_stats(det, knn, seg, maps, p, coarse, self.unsup_col)
@@ -431,8 +358,7 @@ class FewShotHead:
         return {"patch_b": self.patch_b, "img_w": self.img_w.tolist(), "img_b": self.img_b,
                 "img_mu": self.img_mu.tolist(), "img_sd": self.img_sd.tolist(), "type_names": self.type_names,
                 "unsup_col": self.unsup_col, "map_mode": self.map_mode, "image_mode": self.image_mode,
-                "fuse_scale": self.fuse_scale, "stack_w": self.stack_w.tolist(), "stack_b": self.stack_b,
-                "stack_mu": self.stack_mu.tolist(), "stack_sd": self.stack_sd.tolist(),
+                "fuse_scale": self.fuse_scale,
                 "cv": self.cv}
 
     @classmethod
@@ -446,9 +372,6 @@ class FewShotHead:
         head.map_mode = meta.get("map_mode", "head")           # heads saved before the CV choice
         head.image_mode = meta.get("image_mode", "head")
         head.fuse_scale = float(meta.get("fuse_scale", 0.0))
-        head.stack_w, head.stack_b = np.array(meta.get("stack_w", [])), float(meta.get("stack_b", 0.0))
-        head.stack_mu = np.array(meta.get("stack_mu", []))
-        head.stack_sd = np.array(meta.get("stack_sd", []))
         head.cv = dict(meta.get("cv", {}))
         if "fewshot.patch_w" in tensors:
             head.patch_w = tensors["fewshot.patch_w"]
