@@ -123,13 +123,9 @@ def bench(
     compare: Annotated[bool, typer.Option(help="Also time the batched path with the other encoder precision, "
                                                    "64 pairs per encoder call and the heads stepping one turn per call "
                                                    "(same heads, same turns).")] = False,
-    workers: Annotated[int, typer.Option(help="Batched path: processes that encode the turns (2: a forked second "
-                                              "process encodes every other batch; same features, the second core "
-                                              "of a 2-core machine). CPU figures include its time.")] = 1,
 ) -> None:
     """Tracker speed on real SGD dev turns: per-turn latency (p50/p95, one turn at a time, encoder
     included) and batched throughput (all turns encoded in batches), measured in one run."""
-    import os
     import random
     import time
 
@@ -176,18 +172,13 @@ def bench(
 
     def batched_rate(tr: DialogueStateTracker, batch_size: int = PAIR_BATCH, head_batch: int = HEAD_BATCH) -> float:
         t = time.perf_counter()
-        tr.track_sgd(sample, dev.schemas, desc="batched", batch_size=batch_size, head_batch=head_batch, workers=workers)
+        tr.track_sgd(sample, dev.schemas, desc="batched", batch_size=batch_size, head_batch=head_batch)
         return len(pairs) / (time.perf_counter() - t)
 
-    def cpu_s() -> float:  # this process and its finished children (the second encoder process)
-        t = os.times()
-        return time.process_time() + t.children_user + t.children_system
-
-    c = cpu_s()
+    c = time.process_time()
     batched = batched_rate(tracker)
-    batched_cpu = len(pairs) / (cpu_s() - c)
+    batched_cpu = len(pairs) / (time.process_time() - c)
     res: dict = {"turns": len(pairs), "encoder": "int8" if enc.quantized else "fp32", "ensemble": tracker.cfg.ensemble,
-                 "workers": workers,
                  "matmuls": "int8" if enc.quantized else "bf16" if enc.bf16 else "fp32",
                  "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
                  "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),

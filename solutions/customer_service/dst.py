@@ -27,7 +27,6 @@ Data contract: state = ``{service: {"active_intent": str, "requested_slots": [st
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -517,12 +516,10 @@ class TurnJob:
 
 
 def encode_pairs(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequence[str],
-                 desc: str = "", reporter: Any = None, batch_size: int = PAIR_BATCH,
-                 workers: int = 1) -> list[TurnFeatures]:
-    """Encode (user, previous system) pairs; large sets are cached on disk (one file per set). ``workers`` 2:
-    two processes encode (``_encode_pairs``; same features)."""
+                 desc: str = "", reporter: Any = None, batch_size: int = PAIR_BATCH) -> list[TurnFeatures]:
+    """Encode (user, previous system) pairs; large sets are cached on disk (one file per set)."""
     if encoder.cache_dir is None or len(users) < 500:
-        return _encode_pairs(encoder, users, systems, desc, reporter, batch_size, workers)
+        return _encode_pairs(encoder, users, systems, desc, reporter, batch_size)
     import hashlib
     import pickle
 
@@ -534,7 +531,7 @@ def encode_pairs(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequence
                 return pickle.load(fh)  # noqa: S301 - our own cache file under VERTICALS_HOME
         except (OSError, EOFError, pickle.UnpicklingError):
             path.unlink(missing_ok=True)
-    feats = _encode_pairs(encoder, users, systems, desc, reporter, batch_size, workers)
+    feats = _encode_pairs(encoder, users, systems, desc, reporter, batch_size)
     encoder.cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as fh:
@@ -544,97 +541,40 @@ def encode_pairs(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequence
 
 
 def _encode_pairs(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequence[str],
-                  desc: str = "", reporter: Any = None, batch_size: int = PAIR_BATCH,
-                  workers: int = 1) -> list[TurnFeatures]:
-    """``workers`` 2: a forked copy of this process encodes every other batch at the same time (the same
-    batches as with 1, so the same features: each pair's padded length is its batch's), for the two cores of
-    a small machine; it needs ``os.fork`` and at least 4 batches, else one process encodes them all."""
+                  desc: str = "", reporter: Any = None, batch_size: int = PAIR_BATCH) -> list[TurnFeatures]:
     from core.jobs import progress
 
     encoder._load()
+    tok = encoder._tok
     order = sorted(range(len(users)), key=lambda i: len(users[i]) + len(systems[i]))
     out: list[TurnFeatures | None] = [None] * len(users)
-    starts = list(range(0, len(order), batch_size))
-    batches = [order[b0:b0 + batch_size] for b0 in starts]
-    theirs: list[list[int]] = []
-    child = None
-    if workers > 1 and len(batches) >= 4 and hasattr(os, "fork"):
-        theirs = batches[1::2]
-        batches = batches[0::2]
-        child = _fork_encoder(encoder, users, systems, theirs)
-    it = progress(batches, desc=desc or "encoding turns", reporter=reporter, disable=len(batches) < 4)
-    for idx in it:
-        for i, f in zip(idx, _encode_batch(encoder, users, systems, idx), strict=True):
-            out[i] = f
-    if child is not None:
-        got = _join_encoder(*child)
-        for idx in theirs:
-            for i, f in zip(idx, got.pop(0) if got else _encode_batch(encoder, users, systems, idx), strict=True):
-                out[i] = f
+    bs = batch_size
+    starts = list(range(0, len(order), bs))
+    it = progress(starts, desc=desc or "encoding turns", reporter=reporter, disable=len(starts) < 4)
+    for b0 in it:
+        idx = order[b0:b0 + bs]
+        us = [users[i] or " " for i in idx]
+        ss = [systems[i] or " " for i in idx]
+        with torch.inference_mode():
+            enc = tok(us, ss, padding=True, truncation="only_second", max_length=MAX_PAIR_TOKENS,
+                      return_tensors="pt", return_offsets_mapping=True)
+            om = enc.pop("offset_mapping")
+            hid = encoder.hidden(enc)  # (B, T, 384)
+        special = enc["special_tokens_mask"] if "special_tokens_mask" in enc else None
+        del special
+        for j, i in enumerate(idx):
+            mask = enc["attention_mask"][j].bool()
+            ids = enc["input_ids"][j]
+            keep = mask & (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
+            hj = hid[j][keep]
+            seg = enc["token_type_ids"][j][keep].numpy().astype(np.int8)
+            offs = [(int(a), int(c)) for a, c in om[j][keep].tolist()]
+            u = hj[torch.from_numpy(seg == 0)].mean(0) if (seg == 0).any() else torch.zeros(DIM)
+            s = hj[torch.from_numpy(seg == 1)].mean(0) if (seg == 1).any() and systems[i] else torch.zeros(DIM)
+            out[i] = TurnFeatures(
+                u=nn.functional.normalize(u, dim=0).numpy(), s=nn.functional.normalize(s, dim=0).numpy()
+                if s.abs().sum() > 0 else s.numpy(), h=hj.numpy().astype(np.float16), seg=seg, offsets=offs)
     return [f for f in out if f is not None]
-
-
-def _encode_batch(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequence[str],
-                  idx: Sequence[int]) -> list[TurnFeatures]:
-    """Features of the pairs ``idx`` encoded as one padded batch."""
-    tok = encoder._tok
-    us = [users[i] or " " for i in idx]
-    ss = [systems[i] or " " for i in idx]
-    with torch.inference_mode():
-        enc = tok(us, ss, padding=True, truncation="only_second", max_length=MAX_PAIR_TOKENS,
-                  return_tensors="pt", return_offsets_mapping=True)
-        om = enc.pop("offset_mapping")
-        hid = encoder.hidden(enc)  # (B, T, 384)
-    out = []
-    for j, i in enumerate(idx):
-        mask = enc["attention_mask"][j].bool()
-        ids = enc["input_ids"][j]
-        keep = mask & (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
-        hj = hid[j][keep]
-        seg = enc["token_type_ids"][j][keep].numpy().astype(np.int8)
-        offs = [(int(a), int(c)) for a, c in om[j][keep].tolist()]
-        u = hj[torch.from_numpy(seg == 0)].mean(0) if (seg == 0).any() else torch.zeros(DIM)
-        s = hj[torch.from_numpy(seg == 1)].mean(0) if (seg == 1).any() and systems[i] else torch.zeros(DIM)
-        out.append(TurnFeatures(
-            u=nn.functional.normalize(u, dim=0).numpy(), s=nn.functional.normalize(s, dim=0).numpy()
-            if s.abs().sum() > 0 else s.numpy(), h=hj.numpy().astype(np.float16), seg=seg, offsets=offs))
-    return out
-
-
-def _fork_encoder(encoder: MiniLMEncoder, users: Sequence[str], systems: Sequence[str],
-                  batches: list[list[int]]) -> tuple[int, int]:
-    """Fork a child that encodes ``batches`` and writes their features (pickled) to a pipe: (pid, read end).
-    The child shares the loaded model copy-on-write and runs one math thread, like its parent."""
-    import pickle
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: encode, send, leave without running the parent's exit handlers
-        code = 1
-        try:
-            os.close(r)
-            torch.set_num_threads(1)
-            feats = [_encode_batch(encoder, users, systems, idx) for idx in batches]
-            with os.fdopen(w, "wb") as fh:
-                pickle.dump(feats, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    return pid, r
-
-
-def _join_encoder(pid: int, r: int) -> list[list[TurnFeatures]]:
-    """The forked child's features, or [] when it failed (the parent then encodes those batches itself)."""
-    import pickle
-
-    try:
-        with os.fdopen(r, "rb") as fh:
-            got = pickle.load(fh)  # noqa: S301 - written by our own forked child
-    except (EOFError, OSError, pickle.UnpicklingError):
-        got = []
-    _, status = os.waitpid(pid, 0)
-    return got if status == 0 else []
 
 
 # ------------------------------------------------------------------------------------- tracker
@@ -874,17 +814,16 @@ class DialogueStateTracker:
     # -- batch of dialogues (evaluation, re-tracking) -----------------------------------------------
     def track_sgd(self, dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, Any]],
                   desc: str = "tracking", reporter: Any = None, batch_size: int = PAIR_BATCH,
-                  head_batch: int = HEAD_BATCH, workers: int = 1) -> list[dict[str, Any]]:
+                  head_batch: int = HEAD_BATCH) -> list[dict[str, Any]]:
         """Predict SGD-format dialogues (frames of each user turn = the services named in the gold
         frames, as in the official setup); returns copies with predicted ``state``s. ``head_batch``:
-        conversations whose next turn goes through the heads in one call (1 = one turn at a time). ``workers``
-        2: the turns are encoded by two processes (``_encode_pairs``: same features; the heads run here)."""
+        conversations whose next turn goes through the heads in one call (1 = one turn at a time)."""
         import copy
 
         bank = self.bank(schemas)
         pairs = list(iter_user_turns(dialogues))
         feats = encode_pairs(self.encoder, [p[2] for p in pairs], [p[3] for p in pairs], desc=desc, reporter=reporter,
-                             batch_size=batch_size, workers=workers)
+                             batch_size=batch_size)
         out = copy.deepcopy(dialogues)
         # Turn r of every dialogue is stepped together (a dialogue's turns must go in order); the jobs of
         # a round are sorted by token length and cut into groups of ``head_batch`` (little padding).
