@@ -34,6 +34,9 @@ from solutions.customer_service.dst import (
 )
 from solutions.customer_service.encoder import MiniLMEncoder
 
+# Offset of the seed of the description-augmentation draws (their own stream: with ``desc_augment`` 0 the heads
+# train bit-identically to before it).
+AUGMENT_SEED_OFFSET = 7919
 # Status batches = whole turns (token keys once per turn) or independent (turn, slot) examples.
 GROUP_STATUS_BY_TURN = True
 
@@ -235,6 +238,15 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     U = torch.from_numpy(np.stack([f.u for f in feats])).float()  # (N, 384)
     S = torch.from_numpy(np.stack([f.s for f in feats])).float()
     M = bank.matrix  # (P, 384) description embeddings
+    # Schema-description augmentation (``desc_augment``, ``dst_augment``): a share of the examples see a
+    # rewrite of their slot / intent / value description (rows appended to M), drawn from its own stream.
+    aug_p = float(getattr(cfg, "desc_augment", 0.0) or 0.0)
+    variants = None
+    if aug_p > 0:
+        from solutions.customer_service.dst_augment import DescriptionVariants
+
+        variants = DescriptionVariants(bank)
+        M = variants.matrix
     heads = TrackerHeads(cfg)
     have: set[str] = set()
     if base is not None:
@@ -247,7 +259,10 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
 
     # The module whose intent / slot heads the intent and status losses train, and the flag noise's stream:
     # the main heads first, then each ensemble member (``cfg.ensemble``).
-    cur: dict[str, Any] = {"m": heads, "gen": flag_gen}
+    cur: dict[str, Any] = {"m": heads, "gen": flag_gen, "agen": torch.Generator().manual_seed(cfg.seed + AUGMENT_SEED_OFFSET)}
+
+    def desc_rows(rows: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        return rows if variants is None else variants.pick(rows, aug_p, cur["agen"], per_row)
     opt = torch.optim.AdamW([p for n, p in heads.named_parameters() if not n.startswith("members.")],
                             lr=cfg.lr, weight_decay=1e-4)
     heads.train()
@@ -282,7 +297,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
 
     def loss_intent(b: list[int]) -> torch.Tensor:
         bt = torch.tensor(b)
-        k, d, m = it_k[bt], it_d[bt], it_d.shape[1]
+        k, d, m = it_k[bt], desc_rows(it_d[bt]), it_d.shape[1]
         n = len(b)
         pu = None
         mod = cur["m"]
@@ -316,7 +331,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         bt = torch.tensor(b)
         r, f = st[bt], st_f[bt]
         h, seg, mask = tokens(r[:, 0])
-        lg, rq = cur["m"].slot(h, seg, mask, M[r[:, 1]], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1])
+        lg, rq = cur["m"].slot(h, seg, mask, M[desc_rows(r[:, 1])], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1])
         return status_ce(lg, st_y[bt]) + bce(rq, rq_y[bt])
 
     def loss_status(b: list[int]) -> torch.Tensor:
@@ -325,14 +340,15 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         rows = torch.cat([torch.full((len(st_groups[i]),), j, dtype=torch.long) for j, i in enumerate(b)])
         r, f = st[bt], st_f[bt]
         h, seg, mask = tokens(torch.tensor(ks))
-        lg, rq = cur["m"].slot(h, seg, mask, M[r[:, 1]], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1], rows=rows)
+        lg, rq = cur["m"].slot(h, seg, mask, M[desc_rows(r[:, 1])], U[r[:, 0]], S[r[:, 0]], f[:, 0], f[:, 1],
+                               rows=rows)
         return status_ce(lg, st_y[bt]) + bce(rq, rq_y[bt])
 
     def loss_value(b: list[int]) -> torch.Tensor:
         bt = torch.tensor(b)
         k, d, m = va_k[bt], va_d[bt], va_d.shape[1]
         u, s = U[k][:, None].expand(-1, m, -1), S[k][:, None].expand(-1, m, -1)
-        dv = M[d]  # (B, m, 384)
+        dv = M[desc_rows(d, per_row=True)]  # (B, m, 384)
         x = torch.cat([u, s, dv, u * dv, s * dv, va_lex[bt]], -1)
         lg = cur["m"].value(x).squeeze(-1).masked_fill(~va_m[bt], -1e4)
         return ce(lg, va_y[bt])
@@ -342,7 +358,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
         hs = [torch.from_numpy(feats[int(i)].h).float() for i in r[:, 0]]
         h = nn.utils.rnn.pad_sequence(hs, batch_first=True)  # (B, T, 384)
         mask = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in hs], batch_first=True)
-        lg = cur["m"].span(h, M[r[:, 1]]).masked_fill(~mask[..., None], -1e4)  # (B, T, 2)
+        lg = cur["m"].span(h, M[desc_rows(r[:, 1])]).masked_fill(~mask[..., None], -1e4)  # (B, T, 2)
         return ce(lg[..., 0], r[:, 2]) + ce(lg[..., 1], r[:, 3])
 
     bs = cfg.batch_size
@@ -383,7 +399,8 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sd)
-                cur.update(m=member, gen=torch.Generator().manual_seed(sd))
+                cur.update(m=member, gen=torch.Generator().manual_seed(sd),
+                           agen=torch.Generator().manual_seed(sd + AUGMENT_SEED_OFFSET))
                 fit([step for step in plan if step[0] in steps], random.Random(sd),
                     torch.optim.AdamW(params.parameters(), lr=cfg.lr, weight_decay=1e-4), desc)
     heads.eval()
