@@ -154,6 +154,11 @@ class TrackerConfig:
     # intent and slot heads, from seed ``member_seed(seed, i) + VALUE_SEED_OFFSET``), and the value and span
     # logits are the members' mean too. False in configs stored before it (value and span from the main heads).
     ensemble_values: bool = False
+    # Training: share of head examples that read a rewrite of their slot / intent / value description
+    # (``dst_augment``, SGD-X style); 0 in configs stored before it. Tracking (a decision): each description
+    # vector is the mean of the original's and its rewrites' embeddings (``dst_augment.MeanVariantBank``).
+    desc_augment: float = 0.0
+    desc_mean: bool = False
     # Architecture tag: a stored model of another architecture must be retrained, not half-loaded.
     arch: str = "slot-reader-v3"
 
@@ -162,7 +167,7 @@ class TrackerConfig:
 # held-out run may override (``pipeline.holdout_dst`` / ``holdout_unseen_dst``, ``holdout --decisions``).
 DECISION_FIELDS = ("status_logit_bias", "intent_stay_bias", "status_logit_bias_unseen", "intent_stay_bias_unseen",
                    "request_threshold", "request_threshold_unseen", "max_requested_slots", "ensemble_status",
-                   "unique_values", "unique_values_unseen", "intent_slots_only", "offer_only_unseen")
+                   "unique_values", "unique_values_unseen", "intent_slots_only", "offer_only_unseen", "desc_mean")
 
 
 def with_decisions(cfg: TrackerConfig, decisions: dict[str, Any] | None) -> TrackerConfig:
@@ -621,7 +626,9 @@ class DialogueStateTracker:
     def bank(self, schemas: dict[str, dict[str, Any]]) -> SchemaBank:
         key = id(schemas)
         if key not in self._banks:
-            self._banks[key] = SchemaBank(schemas, self.encoder)
+            from solutions.customer_service.dst_augment import tracking_bank
+
+            self._banks[key] = tracking_bank(schemas, self.encoder, self.cfg)
         return self._banks[key]
 
     # -- one turn ---------------------------------------------------------------------------------

@@ -128,6 +128,6 @@ class MeanVariantBank(SchemaBank):
 
 
 def tracking_bank(schemas: dict[str, dict[str, Any]], encoder: Any, cfg: Any) -> SchemaBank:
-    """The bank a tracker reads descriptions from: ``MeanVariantBank`` when ``cfg.desc_mean`` (configs stored
+    """The bank a tracker reads descriptions from: ``MeanVariantBank`` when ``cfg.desc_mean`` (off in configs stored
     before the field: the plain ``SchemaBank``). ``DialogueStateTracker.bank`` builds its banks with this."""
-    return (MeanVariantBank if getattr(cfg, "desc_mean", False) else SchemaBank)(schemas, encoder)
+    return (MeanVariantBank if cfg.desc_mean else SchemaBank)(schemas, encoder)

@@ -240,7 +240,7 @@ def train_tracker(dialogues: list[dict[str, Any]], schemas: dict[str, dict[str, 
     M = bank.matrix  # (P, 384) description embeddings
     # Schema-description augmentation (``desc_augment``, ``dst_augment``): a share of the examples see a
     # rewrite of their slot / intent / value description (rows appended to M), drawn from its own stream.
-    aug_p = float(getattr(cfg, "desc_augment", 0.0) or 0.0)
+    aug_p = cfg.desc_augment
     variants = None
     if aug_p > 0:
         from solutions.customer_service.dst_augment import DescriptionVariants

@@ -306,17 +306,13 @@ PSEUDO_UNSEEN_ENSEMBLE = 1
 
 def default_tracker_config(**over: Any) -> Any:
     """The default recipe's ``TrackerConfig`` (what ``train --task dst`` trains), with overrides."""
-    from dataclasses import fields
-
     from solutions.customer_service.dst import TrackerConfig
 
     kw: dict[str, Any] = {"epochs": DST_EPOCHS, "encoder_int8": DST_ENCODER_INT8, "intent_reader": DST_INTENT_READER,
                           "intent_flag_noise": DST_INTENT_FLAG_NOISE, "ensemble": DST_ENSEMBLE,
-                          "ensemble_values": DST_ENSEMBLE_VALUES}
-    # The augmentation fields exist once ``dst.TrackerConfig`` has them (configs stored before them load without).
-    names = {f.name for f in fields(TrackerConfig)}
-    kw.update({k: v for k, v in (("desc_augment", DST_DESC_AUGMENT), ("desc_mean", DST_DESC_MEAN)) if k in names})
-    if kw.get("desc_mean"):
+                          "ensemble_values": DST_ENSEMBLE_VALUES, "desc_augment": DST_DESC_AUGMENT,
+                          "desc_mean": DST_DESC_MEAN}
+    if DST_DESC_MEAN:
         kw["status_logit_bias_unseen"] = list(DST_UNSEEN_CARRY_WITH_MEAN)
     return TrackerConfig(**{**kw, **over})
 

@@ -106,17 +106,12 @@ def test_mean_variant_bank_averages_only_described_texts() -> None:
     assert type(tracking_bank({"Buses_9": SCHEMA}, enc, cfg)) is MeanVariantBank
 
 
-def test_default_recipe_carries_the_augmentation_when_the_config_has_the_fields() -> None:
-    from dataclasses import fields
-
+def test_default_recipe_carries_the_augmentation_and_old_configs_stay_off() -> None:
     from solutions.customer_service import pipeline as P
     from solutions.customer_service.dst import TrackerConfig
 
     cfg = P.default_tracker_config()
-    names = {f.name for f in fields(TrackerConfig)}
-    assert P.DST_DESC_AUGMENT == 0.5 and P.DST_DESC_MEAN is True
-    if "desc_augment" in names:
-        assert cfg.desc_augment == P.DST_DESC_AUGMENT and cfg.desc_mean is P.DST_DESC_MEAN
-        assert TrackerConfig().desc_augment == 0.0 and TrackerConfig().desc_mean is False  # old configs: off
-    else:  # dst.TrackerConfig without the fields yet: the recipe trains as before
-        assert not hasattr(cfg, "desc_augment") and not hasattr(cfg, "desc_mean")
+    assert cfg.desc_augment == P.DST_DESC_AUGMENT > 0 and cfg.desc_mean is P.DST_DESC_MEAN is True
+    assert cfg.status_logit_bias_unseen == P.DST_UNSEEN_CARRY_WITH_MEAN
+    old = TrackerConfig()  # what a config.json stored before the fields loads as
+    assert old.desc_augment == 0.0 and old.desc_mean is False
