@@ -358,6 +358,7 @@ def pseudo_unseen_tracker(root: Path, services: tuple[str, ...] = PSEUDO_UNSEEN_
         TrackerConfig,
         encode_pairs,
         iter_user_turns,
+        with_decisions,
     )
     from solutions.customer_service.dst_train import train_tracker
 
@@ -371,7 +372,11 @@ def pseudo_unseen_tracker(root: Path, services: tuple[str, ...] = PSEUDO_UNSEEN_
     if (folder / "heads.safetensors").exists():
         try:
             if json.loads((folder / "config.json").read_text()).get("arch") == TrackerConfig.arch:
-                return DialogueStateTracker.load(folder, enc)
+                # decisions are not part of the key: cached heads read with the current recipe's decisions,
+                # not with those stored when they were trained
+                cached = DialogueStateTracker.load(folder, enc)
+                return DialogueStateTracker(cached.heads, with_decisions(cached.cfg, {
+                    k: getattr(cfg, k) for k in DECISION_FIELDS}), cached.encoder)
         except (OSError, ValueError):
             pass
     sample, keep, held = pseudo_unseen_split(root, services, 1, n_train, split=split)

@@ -70,6 +70,15 @@ def test_holdout_unseen_trains_once_and_scores_the_held_back_services(tmp_home, 
     again = P.holdout_unseen_dst(SHARED, held, n=2, train_dialogues=12, encoder=enc, epochs=1, ensemble=1,
                                  split=sgd_train, breakdown=False)
     assert calls == [1] and "errors" not in again
+    # heads cached under older decisions (not part of the key) read with the current recipe's decisions
+    stale = {**cfg, "request_threshold_unseen": 9.0, "desc_mean": not cfg["desc_mean"]}
+    (folders[0] / "config.json").write_text(json.dumps(stale))
+    tracker = P.pseudo_unseen_tracker(SHARED, held, 12, 1, enc, split=sgd_train, epochs=1)
+    assert calls == [1]
+    want = P.default_tracker_config(ensemble=1, epochs=1)
+    assert tracker.cfg.request_threshold_unseen == want.request_threshold_unseen != 9.0
+    assert tracker.cfg.desc_mean is want.desc_mean
+    assert tracker.cfg.trained_services == cfg["trained_services"]  # the heads' own training facts stay
 
 
 def test_one_value_fills_one_slot() -> None:
